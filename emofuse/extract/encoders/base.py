@@ -1,0 +1,97 @@
+"""The one interface every frozen encoder offers, and the registry that builds them from a spec.
+
+An encoder is built from its spec (a plain dict from the config, e.g.
+{"backend": "opensmile", "feature_set": "eGeMAPSv02"}), is frozen, and offers:
+
+    prepare(utterance) -> item         CPU work: decode, resample, tokenize, crop. Raises PrepareError.
+    size(item) -> int                  for length bucketing (samples, tokens or frames)
+    encode(items) -> list[np.ndarray]  one batched forward; each utterance's unpadded (T, D) or (T, L, D)
+
+`full_spec()` returns the spec with every default filled in and everything that changes the
+numbers (checkpoint sha256, dtype, sample rate, fps, layer) - its fingerprint names the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from emofuse.corpora.base import Utterance
+from emofuse.errors import UserError
+
+_REGISTRY: dict[str, type["Encoder"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.backend = name
+        return cls
+
+    return deco
+
+
+class Encoder:
+    backend: str = ""
+    modality: str = ""  # audio | text | video
+    dim: int = 0  # D of the output
+    fps: float | None = None  # output frames per second of media; None for text tokens
+
+    def full_spec(self) -> dict:
+        raise NotImplementedError
+
+    def prepare(self, utt: Utterance):
+        raise NotImplementedError
+
+    def size(self, item) -> int:
+        raise NotImplementedError
+
+    def encode(self, items: list) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    # Encoders that hold a torch model report where it runs; others run on the CPU.
+    device: str = "cpu"
+
+
+def build_encoder(modality: str, spec: dict) -> Encoder:
+    spec = dict(spec)
+    name = spec.pop("backend", None)
+    if name is None:
+        raise UserError(f"encoder spec for {modality} has no 'backend' (one of: {', '.join(sorted(_REGISTRY))})")
+    _import_backends()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown encoder backend {name!r} for {modality} (known: {', '.join(sorted(_REGISTRY))})")
+    cls = _REGISTRY[name]
+    if cls.modality and cls.modality != modality:
+        raise UserError(f"encoder backend {name!r} encodes {cls.modality}, not {modality}")
+    try:
+        return cls(**spec)
+    except TypeError as e:  # unknown option in the spec
+        raise UserError(f"bad option for encoder {name!r}: {e}") from None
+
+
+def _import_backends() -> None:
+    # Imported lazily so that `emofuse --help` does not load torch, opencv and dlib.
+    from emofuse.extract.encoders import dlib_face, hf, minilm, opensmile_lld  # noqa: F401
+
+
+def fingerprint(spec: dict) -> str:
+    """sha256 of the canonical JSON of a full encoder spec."""
+    canon = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tag(spec: dict) -> str:
+    """Short, readable name of a store folder: <backend>-<first 8 hex of the fingerprint>."""
+    return f"{spec['backend']}-{fingerprint(spec)[:8]}"

@@ -1,0 +1,153 @@
+"""The batch stage: run each frozen encoder over a corpus once and write its features to a store.
+
+For each modality:  pending ids -> prepare (threads) -> length buckets -> encode -> shard writer.
+Ids already in the store (or already recorded as failures) are skipped, so a second run does no
+encoder work and a killed run resumes, redoing at most one unwritten shard.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from emofuse.cache.store import FeatureStore
+from emofuse.corpora.base import Corpus, Utterance, write_utterances
+from emofuse.errors import PrepareError
+from emofuse.extract.batching import length_batches
+from emofuse.extract.encoders.base import Encoder, build_encoder, fingerprint, tag
+
+WINDOW = 64  # utterances prepared together; the next window is prepared while this one encodes
+
+
+@dataclass
+class ModalityResult:
+    modality: str
+    store: str
+    encoded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def corpus_cache_dir(cache: str | Path, corpus_name: str) -> Path:
+    return Path(cache) / corpus_name
+
+
+def store_path(cache_dir: Path, modality: str, spec: dict) -> Path:
+    return cache_dir / f"{modality}-{tag(spec)}"
+
+
+def write_corpus_index(corpus: Corpus, cache_dir: Path) -> None:
+    """utterances.jsonl (ids, splits, labels) and protocol.json sit beside the stores."""
+    write_utterances(corpus.utterances, cache_dir / "utterances.jsonl")
+    (cache_dir / "protocol.json").write_text(json.dumps(asdict(corpus.protocol), indent=2))
+
+
+def extract_corpus(cfg, corpus: Corpus, progress: bool = True, log=print) -> list[ModalityResult]:
+    """cfg is a Config. Extract every modality named in cfg.extract.encoders."""
+    cache_dir = corpus_cache_dir(cfg.extract.cache, corpus.name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_corpus_index(corpus, cache_dir)
+    results = []
+    for modality, spec in cfg.extract.encoders.items():
+        encoder = build_encoder(modality, spec)
+        budget = cfg.extract.batch_budget.get(modality, 1 << 30)
+        results.append(extract_modality(
+            corpus.utterances, encoder, cache_dir, budget=budget, workers=cfg.extract.workers,
+            shard_bytes=cfg.extract.shard_mb << 20, retry_failures=cfg.extract.retry_failures,
+            progress=progress, log=log))
+    return results
+
+
+def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: Path, budget: int,
+                     workers: int = 2, shard_bytes: int = 64 << 20, retry_failures: bool = False,
+                     writer_name: str = "local", progress: bool = True, log=print) -> ModalityResult:
+    modality = encoder.modality
+    spec = encoder.full_spec()
+    store = FeatureStore.create(store_path(cache_dir, modality, spec), modality, spec, fingerprint(spec),
+                                dim=encoder.dim, layers=getattr(encoder, "layers_out", 1), fps=encoder.fps)
+    result = ModalityResult(modality, str(store.path))
+    done = set(store.ids())
+    if not retry_failures:
+        done |= set(store.failures())
+    todo = [u for u in utterances if u.id not in done]
+    result.skipped = len(utterances) - len(todo)
+    store.close()
+    if not todo:
+        log(f"{modality}: all {len(utterances)} utterances already in {store.path} (skipped, no encoder work)")
+        return result
+    if result.skipped:
+        log(f"{modality}: skipping {result.skipped} utterances already done, encoding {len(todo)}")
+
+    start = time.perf_counter()
+    windows = [todo[i : i + WINDOW] for i in range(0, len(todo), WINDOW)]
+    with store.writer(writer_name, shard_bytes) as writer, ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(todo), desc=f"extract {modality}", unit="utt", disable=not progress) as bar:
+        pending = [pool.submit(_prepare, encoder, u) for u in windows[0]]
+        for k, window in enumerate(windows):
+            prepared = [f.result() for f in pending]
+            if k + 1 < len(windows):  # overlap: CPU preparation of the next window runs during encoding
+                pending = [pool.submit(_prepare, encoder, u) for u in windows[k + 1]]
+            ready = []
+            for utt, item in prepared:
+                if isinstance(item, PrepareError):
+                    _fail(writer, result, utt.id, item.stage, item.reason)
+                else:
+                    ready.append((utt, item))
+            _encode_window(encoder, ready, budget, writer, result)
+            bar.update(len(window))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _prepare(encoder: Encoder, utt: Utterance):
+    try:
+        return utt, encoder.prepare(utt)
+    except PrepareError as e:
+        return utt, e
+
+
+def _encode_window(encoder: Encoder, ready: list, budget: int, writer, result: ModalityResult) -> None:
+    sizes = [encoder.size(item) for _, item in ready]
+    for batch in length_batches(sizes, budget):
+        utts = [ready[i][0] for i in batch]
+        items = [ready[i][1] for i in batch]
+        try:
+            outputs = encoder.encode(items)
+        except PrepareError as e:
+            outputs = [e] * len(items) if len(items) == 1 else _encode_one_by_one(encoder, items)
+        except RuntimeError:
+            # One bad item (or memory) should not sink its batch mates: retry them alone.
+            outputs = _encode_one_by_one(encoder, items)
+        for utt, out in zip(utts, outputs):
+            if isinstance(out, Exception):
+                _fail(writer, result, utt.id, getattr(out, "stage", "encode"), getattr(out, "reason", str(out)))
+                continue
+            try:
+                writer.add(utt.id, out)
+                result.encoded += 1
+            except ValueError as e:  # NaN / Inf in the output
+                _fail(writer, result, utt.id, "encode", str(e).split(": ", 1)[-1])
+
+
+def _encode_one_by_one(encoder: Encoder, items: list) -> list:
+    outputs = []
+    for item in items:
+        try:
+            outputs.append(encoder.encode([item])[0])
+        except (PrepareError, RuntimeError) as e:
+            outputs.append(e)
+    return outputs
+
+
+def _fail(writer, result: ModalityResult, uid: str, stage: str, reason: str) -> None:
+    writer.add_failure(uid, stage, reason)
+    result.failed += 1
+    key = f"{stage}: {reason}"
+    result.failure_reasons[key] = result.failure_reasons.get(key, 0) + 1

@@ -1,0 +1,118 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from emofuse.cache.shard import Shard, write_shard
+from emofuse.cache.store import CacheError, FeatureStore
+from emofuse.extract.encoders.base import fingerprint
+
+SPEC = {"backend": "toy", "dim": 8, "dtype": "float32"}
+FP = fingerprint(SPEC)
+
+
+def _arrays(n, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((int(rng.integers(1, 20)), dim)).astype(np.float32) for _ in range(n)]
+
+
+def _store(tmp_path, n=10, shard_mb=1):
+    store = FeatureStore.create(tmp_path / "audio-toy", "audio", SPEC, FP, dim=8)
+    arrays = _arrays(n)
+    with store.writer(max_shard_bytes=shard_mb) as w:
+        for i, a in enumerate(arrays):
+            w.add(f"u{i}", a)
+    return FeatureStore(store.path), arrays
+
+
+def test_shard_roundtrip_layout(tmp_path):
+    arrays = _arrays(5)
+    path = tmp_path / "shard-local-00000.h5"
+    write_shard(path, [f"u{i}" for i in range(5)], arrays, FP)
+    assert not list(tmp_path.glob("*.tmp"))
+    with h5py.File(path) as f:
+        assert f["features"].dtype == np.float16
+        assert f["features"].shape == (sum(len(a) for a in arrays), 8)
+        assert list(f["offsets"][:]) == [0, *np.cumsum([len(a) for a in arrays])]
+        assert f.attrs["fingerprint"] == FP
+    shard = Shard(path)
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(shard.read(i), a.astype(np.float16))
+    assert shard.problems(FP) == []
+
+
+def test_store_write_read_and_resume_index(tmp_path):
+    store, arrays = _store(tmp_path, n=10, shard_mb=200)  # ~200 bytes per shard -> many shards
+    assert len(store.shards) > 1
+    assert len(store) == 10
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(store.get(f"u{i}"), a.astype(np.float16))
+    loaded = store.load_all()
+    assert set(loaded) == {f"u{i}" for i in range(10)}
+    info = store.info()
+    assert info["utterances"] == 10 and info["frames"] == sum(len(a) for a in arrays)
+    assert FeatureStore.verify(store.path) == []
+
+
+def test_store_refuses_other_spec(tmp_path):
+    store, _ = _store(tmp_path)
+    other = dict(SPEC, dtype="bfloat16")
+    with pytest.raises(CacheError, match="dtype: 'float32' vs 'bfloat16'"):
+        FeatureStore.create(store.path, "audio", other, fingerprint(other), dim=8)
+
+
+def test_lock_refuses_second_writer(tmp_path):
+    store, _ = _store(tmp_path)
+    with store.writer():
+        with pytest.raises(CacheError, match="locked by PID"):
+            with store.writer():
+                pass
+    with store.writer():  # released again
+        pass
+
+
+def test_failures_and_nan_rejected(tmp_path):
+    store = FeatureStore.create(tmp_path / "s", "audio", SPEC, FP, dim=8)
+    with store.writer() as w:
+        w.add_failure("bad", "decode", "empty file")
+        with pytest.raises(ValueError):
+            w.add("nan", np.full((3, 8), np.nan, dtype=np.float32))
+    assert FeatureStore(store.path).failures()["bad"]["reason"] == "empty file"
+
+
+def test_verify_catches_corruption(tmp_path):
+    store, _ = _store(tmp_path, n=6, shard_mb=300)
+    shards = sorted(store.path.glob("shard-*.h5"))
+    store.close()
+    # NaN written into one shard's features
+    with h5py.File(shards[0], "r+") as f:
+        f["features"][0, 0] = np.nan
+    # a truncated shard
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    problems = FeatureStore.verify(store.path)
+    assert any(str(shards[0]) in p and "NaN" in p for p in problems)
+    assert any(str(shards[1]) in p for p in problems)
+    with pytest.raises(CacheError, match=shards[1].name):
+        FeatureStore(store.path)
+
+
+def test_duplicate_id_across_shards_is_an_error(tmp_path):
+    store, arrays = _store(tmp_path, n=3, shard_mb=1 << 30)
+    write_shard(store.path / "shard-other-00000.h5", ["u1"], [arrays[1]], FP)
+    assert any("also in" in p for p in FeatureStore.verify(store.path))
+    with pytest.raises(CacheError, match="also in"):
+        FeatureStore(store.path)
+
+
+def test_leftover_tmp_removed_by_writer(tmp_path):
+    store, _ = _store(tmp_path, n=3)
+    tmp = store.path / "shard-local-00009.h5.tmp"
+    tmp.write_bytes(b"half a shard")
+    assert any(".tmp" in p for p in FeatureStore.verify(store.path))
+    with store.writer():
+        pass
+    assert not tmp.exists()
+    assert FeatureStore.verify(store.path) == []
+    assert json.loads((store.path / "store.json").read_text())["fingerprint"] == FP
