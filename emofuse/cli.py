@@ -1,0 +1,153 @@
+"""The `emofuse` command. Thin: parse arguments, load the config, call one stage function.
+
+Errors a user can cause (UserError) print as one line and exit with code 2; `--debug` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from emofuse.errors import UserError
+
+
+class Group(click.Group):
+    """Turns UserError into one line + exit code 2, unless --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def main(ctx, debug):
+    """emofuse: multimodal emotion recognition from cached self-supervised features."""
+    ctx.obj = {"debug": debug}
+
+
+config_arg = click.argument("config", type=click.Path(path_type=Path))
+overrides_arg = click.argument("overrides", nargs=-1)
+quiet_opt = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
+              help="Folder for the generated corpus, the cache and the runs.")
+@click.option("--size", type=click.Choice(["small", "full"]), default="full", show_default=True)
+@click.option("--seeds", type=int, default=None, help="Seeds per model (default: the config's).")
+@quiet_opt
+def demo(out, size, seeds, quiet):
+    """Generate the demo corpus, extract, train, and print the modality ablation table."""
+    from emofuse.demo import run_demo
+
+    run_demo(out, size=size, seeds=seeds, progress=not quiet)
+
+
+@main.command()
+@config_arg
+@overrides_arg
+@quiet_opt
+def extract(config, overrides, quiet):
+    """Run each frozen encoder over the corpus once; write feature stores to the cache."""
+    from emofuse.config import load_config
+    from emofuse.corpora import load_corpus
+    from emofuse.extract.pipeline import extract_corpus
+
+    cfg = load_config(config, overrides)
+    corpus = load_corpus(cfg.corpus, progress=not quiet)
+    for r in extract_corpus(cfg, corpus, progress=not quiet):
+        click.echo(f"{r.modality}: encoded {r.encoded}, skipped {r.skipped}, failed {r.failed} "
+                   f"in {r.seconds:.1f}s -> {r.store}")
+        for reason, n in sorted(r.failure_reasons.items()):
+            click.echo(f"  failed {n}x  {reason}")
+
+
+@main.command()
+@config_arg
+@overrides_arg
+@click.option("--seeds", type=int, default=None, help="Number of seeds (overrides train.seeds).")
+@quiet_opt
+def train(config, overrides, seeds, quiet):
+    """Train the fusion model on cached features; the run goes to <train.runs>/<train.name>/."""
+    from emofuse.config import load_config
+    from emofuse.fuse.train import train as train_runs
+
+    cfg = load_config(config, list(overrides) + ([f"train.seeds={seeds}"] if seeds else []))
+    summary = train_runs(cfg, progress=not quiet)
+    click.echo(json.dumps(summary["test"], indent=2))
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--ablation", is_flag=True, help="Also train and test every modality subset (A, T, V, AT, AV, TV, ATV).")
+@quiet_opt
+def evaluate(run, ablation, quiet):
+    """Test a trained run: report.json, report.md, confusion.png in the run folder."""
+    from emofuse.fuse import evaluate as ev
+
+    ev.evaluate_run(run, log=click.echo)
+    if ablation:
+        ev.ablation(run, progress=not quiet, log=click.echo)
+
+
+@main.group()
+def cache():
+    """Inspect and check feature stores."""
+
+
+@cache.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def info(path):
+    """Modality, encoder, dim, utterances, frames, bytes and failures of a store (or every store under PATH)."""
+    from emofuse.cache.store import FeatureStore
+
+    for store_dir in store_dirs(path):
+        store = FeatureStore(store_dir)
+        i = store.info()
+        store.close()
+        click.echo(f"{i['path']}\n  modality {i['modality']}  encoder {i['encoder']['backend']}  "
+                   f"fingerprint {i['fingerprint'][:12]}\n  dim {i['dim']}  layers {i['layers']}  fps {i['fps']}\n"
+                   f"  utterances {i['utterances']}  frames {i['frames']}  bytes {i['bytes']:,}  shards {i['shards']}"
+                   f"  failures {i['failures']}")
+        for reason, n in sorted(i["failure_reasons"].items()):
+            click.echo(f"    {n}x {reason}")
+
+
+@cache.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def verify(path):
+    """Check every shard: fingerprint, offsets, duplicate ids, NaN/Inf, truncation. Exit 1 if anything is wrong."""
+    from emofuse.cache.store import FeatureStore
+
+    bad = 0
+    for store_dir in store_dirs(path):
+        problems = FeatureStore.verify(store_dir)
+        for p in problems:
+            click.echo(p, err=True)
+        bad += len(problems)
+        click.echo(f"{store_dir}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    sys.exit(1 if bad else 0)
+
+
+def store_dirs(path: Path) -> list[Path]:
+    if (path / "store.json").exists():
+        return [path]
+    found = sorted(p.parent for p in path.glob("**/store.json")) if path.is_dir() else []
+    if not found:
+        raise UserError(f"{path}: no feature store here (no store.json at or below it)")
+    return found
+
+
+if __name__ == "__main__":
+    main()

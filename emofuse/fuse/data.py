@@ -1,0 +1,192 @@
+"""Cached features + labels -> padded batches with masks. Reads only through `cache` and `corpora`.
+
+A sample is one utterance: for each modality a (T, D) or (T, L, D) array, or None when the
+modality is missing (not extracted, or in failures.jsonl). Missing modalities become
+`present = False` for that sample and the model masks them; they never crash a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emofuse.cache.store import FeatureStore
+from emofuse.corpora.base import Protocol, Utterance, read_utterances
+from emofuse.errors import UserError
+
+
+def find_store(cache_dir: Path, modality: str, spec: dict) -> FeatureStore:
+    """The store in `cache_dir` made for `modality` with an encoder whose full spec agrees with
+    every setting given in `spec` (the config names a few settings; store.json has them all)."""
+    candidates = []
+    for meta_path in sorted(Path(cache_dir).glob(f"{modality}-*/store.json")):
+        full = json.loads(meta_path.read_text())["encoder"]
+        if all(full.get(k) == v for k, v in spec.items()):
+            candidates.append(meta_path.parent)
+    if not candidates:
+        raise UserError(f"no {modality} feature store in {cache_dir} matches encoder {spec}; run `emofuse extract` first")
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise UserError(f"several {modality} stores in {cache_dir} match {spec} ({names}); name more encoder settings")
+    return FeatureStore(candidates[0])
+
+
+def load_protocol(cache_dir: Path) -> Protocol:
+    path = Path(cache_dir) / "protocol.json"
+    if not path.exists():
+        raise UserError(f"{path} not found; run `emofuse extract` for this corpus first")
+    return Protocol(**json.loads(path.read_text()))
+
+
+@dataclass
+class Normalizer:
+    """Per-dimension standardisation with train-split statistics (feature scales differ wildly:
+    opensmile mixes Hz, dB and ratios). Saved with the run so prediction uses the same numbers."""
+
+    mean: dict[str, np.ndarray]
+    std: dict[str, np.ndarray]
+
+    @classmethod
+    def fit(cls, features: dict[str, dict[str, np.ndarray]], ids: list[str]) -> "Normalizer":
+        mean, std = {}, {}
+        for m, by_id in features.items():
+            # Running sums in float64 over the train utterances only.
+            n, s, ss = 0, 0.0, 0.0
+            for uid in ids:
+                x = by_id.get(uid)
+                if x is None:
+                    continue
+                x = x.astype(np.float64).reshape(len(x), -1)
+                n += len(x)
+                s = s + x.sum(0)
+                ss = ss + (x * x).sum(0)
+            if n == 0:
+                raise UserError(f"no training utterance has {m} features")
+            mu = s / n
+            var = np.maximum(ss / n - mu * mu, 0.0)
+            shape = next(v for v in by_id.values() if v is not None).shape[1:]
+            mean[m] = mu.reshape(shape).astype(np.float32)
+            std[m] = np.sqrt(var + 1e-6).reshape(shape).astype(np.float32)
+        return cls(mean, std)
+
+    def __call__(self, m: str, x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float32) - self.mean[m]) / self.std[m]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"{m}.mean": torch.from_numpy(v) for m, v in self.mean.items()}
+        out.update({f"{m}.std": torch.from_numpy(v) for m, v in self.std.items()})
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Normalizer":
+        mean = {k[: -len(".mean")]: v.numpy() for k, v in state.items() if k.endswith(".mean")}
+        std = {k[: -len(".std")]: v.numpy() for k, v in state.items() if k.endswith(".std")}
+        return cls(mean, std)
+
+
+class CachedData:
+    """Everything a run needs from the cache: features per modality, labels, splits."""
+
+    def __init__(self, cache_dir: Path, encoders: dict[str, dict], modalities: list[str]):
+        self.cache_dir = Path(cache_dir)
+        utt_path = self.cache_dir / "utterances.jsonl"
+        if not utt_path.exists():
+            raise UserError(f"{utt_path} not found; run `emofuse extract` for this corpus first")
+        self.utterances: list[Utterance] = read_utterances(utt_path)
+        self.protocol = load_protocol(self.cache_dir)
+        self.modalities = modalities
+        self.stores: dict[str, FeatureStore] = {}
+        for m in modalities:
+            if m not in encoders:
+                raise UserError(f"modality {m!r} is in model.modalities but has no encoder in extract.encoders")
+            self.stores[m] = find_store(self.cache_dir, m, encoders[m])
+        # Preloaded as float16 (as stored): the demo and MELD-sized corpora fit easily.
+        self.features = {m: s.load_all() for m, s in self.stores.items()}
+
+    def fingerprints(self) -> dict[str, str]:
+        return {m: s.fingerprint for m, s in self.stores.items()}
+
+    def dims(self) -> dict[str, int]:
+        return {m: s.dim for m, s in self.stores.items()}
+
+    def layers(self) -> dict[str, int]:
+        return {m: s.layers for m, s in self.stores.items()}
+
+    def frame_shapes(self) -> dict[str, tuple]:
+        """(D,) or (L, D) per modality, in the model's modality order."""
+        return {m: (s.dim,) if s.layers == 1 else (s.layers, s.dim) for m, s in self.stores.items()}
+
+    def split_ids(self, split: str) -> list[str]:
+        return [u.id for u in self.utterances if u.split == split]
+
+    def targets(self) -> dict[str, float | int]:
+        p = self.protocol
+        out = {}
+        for u in self.utterances:
+            y = u.labels.get(p.label)
+            if y is None:
+                continue
+            out[u.id] = p.classes.index(y) if p.task == "classification" else float(y)
+        return out
+
+
+def make_batches(ids: list[str], lengths: dict[str, int], batch_size: int, shuffle: bool,
+                 rng: np.random.Generator | None = None) -> list[list[str]]:
+    """Length-bucketed batches. Training: shuffle, sort within pools of 50 batches, shuffle the
+    batches. Evaluation: sorted by length, always the same."""
+    if not shuffle:
+        order = sorted(ids, key=lambda i: lengths[i])
+        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    ids = list(ids)
+    rng.shuffle(ids)
+    pool = batch_size * 50
+    batches = []
+    for k in range(0, len(ids), pool):
+        chunk = sorted(ids[k : k + pool], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def subsample(x: np.ndarray, max_frames: int) -> np.ndarray:
+    """Evenly spaced frames: deterministic, the same at train and test time."""
+    if max_frames <= 0 or len(x) <= max_frames:
+        return x
+    idx = np.linspace(0, len(x) - 1, max_frames).round().astype(int)
+    return x[idx]
+
+
+def collate(ids: list[str], features: dict[str, dict[str, np.ndarray]], frame_shapes: dict[str, tuple],
+            normalizer: Normalizer | None, max_frames: int = 0) -> tuple[dict, dict, torch.Tensor]:
+    """Pad each modality (the keys of frame_shapes, in order) to its longest sequence in the batch.
+    Returns features {m: (B, T, ...)}, masks {m: (B, T) True = real frame}, present (B, M)."""
+    modalities = list(frame_shapes)
+    B = len(ids)
+    feats, masks = {}, {}
+    present = torch.zeros(B, len(modalities), dtype=torch.bool)
+    for j, m in enumerate(modalities):
+        arrays = []
+        for uid in ids:
+            x = features[m].get(uid)
+            if x is not None and len(x) > 0:
+                x = subsample(x, max_frames)
+                x = normalizer(m, x) if normalizer is not None else x.astype(np.float32)
+            else:
+                x = None
+            arrays.append(x)
+        T = max([len(a) for a in arrays if a is not None], default=1)
+        out = np.zeros((B, T, *frame_shapes[m]), dtype=np.float32)
+        mask = np.zeros((B, T), dtype=bool)
+        for b, a in enumerate(arrays):
+            if a is not None:
+                out[b, : len(a)] = a
+                mask[b, : len(a)] = True
+                present[b, j] = True
+        feats[m] = torch.from_numpy(out)
+        masks[m] = torch.from_numpy(mask)
+    return feats, masks, present
+

@@ -1,0 +1,161 @@
+"""Evaluation of a trained run, the modality ablation table, reports and plots.
+
+    evaluate_run(run)  -> report.json, report.md, confusion.png in the run folder
+    ablation(run)      -> trains and tests every modality subset (A, T, V, AT, AV, TV, ATV) with the
+                          run's config and seeds -> ablation.json, ablation.md
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from itertools import combinations
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from emofuse.config import Config, load_config  # noqa: E402
+from emofuse.corpora.base import LETTER  # noqa: E402
+from emofuse.errors import UserError  # noqa: E402
+from emofuse.fuse.model import MODALITIES  # noqa: E402
+from emofuse.fuse.train import (  # noqa: E402
+    load_data, load_model, outputs_to_predictions, predict, summarize, train)
+from emofuse.fuse.metrics import task_metrics  # noqa: E402
+
+# Metrics shown in tables, per task, in this order.
+TABLE_METRICS = {
+    "classification": ["wa", "ua", "weighted_f1"],
+    "regression": ["mae", "corr", "acc7", "acc2_has0", "acc2_non0", "f1_non0"],
+}
+
+
+def load_run_config(run: Path) -> Config:
+    path = Path(run) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run}: not a run folder (no config.yaml); train one with `emofuse train CONFIG`")
+    return load_config(path)
+
+
+def seed_dirs(run: Path) -> list[Path]:
+    dirs = sorted(Path(run).glob("seed-*/model.json"))
+    if not dirs:
+        raise UserError(f"{run}: no trained seed (seed-*/model.json)")
+    return [d.parent for d in dirs]
+
+
+def check_fingerprints(seed_dir: Path, data) -> None:
+    """A model is only ever applied to features made with the encoder settings it was trained on."""
+    trained = json.loads((seed_dir / "model.json").read_text())["fingerprints"]
+    for m, fp in trained.items():
+        have = data.fingerprints().get(m)
+        if have != fp:
+            raise UserError(f"{seed_dir}: trained on {m} features with fingerprint {fp[:12]}, "
+                            f"the cache has {str(have)[:12]}; re-extract with the run's encoder settings")
+
+
+def evaluate_run(run: Path, log=print) -> dict:
+    run = Path(run)
+    cfg = load_run_config(run)
+    data = load_data(cfg)
+    p = data.protocol
+    targets = data.targets()
+    test_ids = [i for i in data.split_ids(p.test_split) if i in targets]
+    y_true = np.array([targets[i] for i in test_ids])
+    results, confusion = [], None
+    for d in seed_dirs(run):
+        check_fingerprints(d, data)
+        model, normalizer = load_model(d)
+        outputs = predict(model, data, test_ids, normalizer, cfg.train.max_frames)
+        metrics = task_metrics(p.task, y_true, outputs_to_predictions(p.task, outputs), p.classes)
+        results.append({"seed": d.name, "test": metrics})
+        if p.task == "classification":
+            cm = np.array(metrics["confusion"])
+            confusion = cm if confusion is None else confusion + cm
+    report = {"protocol": p.name, "task": p.task, "modalities": list(data.stores), "n_test": len(test_ids),
+              "seeds": [r["seed"] for r in results], "test": summarize(results),
+              "per_seed": results}
+    (run / "report.json").write_text(json.dumps(report, indent=2))
+    (run / "report.md").write_text(report_markdown(report, p.classes))
+    if confusion is not None:
+        plot_confusion(confusion, p.classes, run / "confusion.png", f"{p.name}: test, {len(results)} seed(s)")
+    log(report_markdown(report, p.classes))
+    return report
+
+
+def report_markdown(report: dict, classes: list[str]) -> str:
+    letters = "".join(LETTER[m] for m in report["modalities"])
+    lines = [f"# {report['protocol']} - test split ({report['n_test']} utterances, modalities {letters}, "
+             f"{len(report['seeds'])} seed(s))", "", "| metric | mean | std |", "|---|---|---|"]
+    for k, v in report["test"].items():
+        lines.append(f"| {k} | {fmt(k, v['mean'])} | {fmt(k, v['std'])} |")
+    first = report["per_seed"][0]["test"]
+    if "per_class_f1" in first:
+        lines += ["", f"Per-class F1 ({report['per_seed'][0]['seed']}):", "", "| class | F1 |", "|---|---|"]
+        lines += [f"| {c} | {100 * first['per_class_f1'][c]:.1f} |" for c in classes if c in first["per_class_f1"]]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(metric: str, value: float) -> str:
+    """Percent for rates, raw numbers for errors and correlations (as papers print them)."""
+    if metric in ("mae", "corr") or metric.startswith("n"):
+        return f"{value:.3f}"
+    return f"{100 * value:.1f}"
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.1 * len(classes) + 1.5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(cm[i, j])}\n{100 * norm[i, j]:.0f}%", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def modality_subsets(modalities: list[str]) -> list[list[str]]:
+    """A, T, V, AT, AV, TV, ATV (for the modalities the config has)."""
+    ms = [m for m in MODALITIES if m in modalities]
+    return [list(c) for k in range(1, len(ms) + 1) for c in combinations(ms, k)]
+
+
+def ablation(run: Path, progress: bool = True, log=print) -> dict:
+    """Train and test every modality subset with the run's config and seeds."""
+    run = Path(run)
+    cfg = load_run_config(run)
+    rows = {}
+    for subset in modality_subsets(cfg.model.modalities):
+        letters = "".join(LETTER[m] for m in subset)
+        sub_cfg = copy.deepcopy(cfg)
+        sub_cfg.model.modalities = subset
+        log(f"ablation {letters}: training {cfg.train.seeds} seed(s)")
+        summary = train(sub_cfg, progress=progress, log=lambda *_: None, run_root=run / "ablation" / letters)
+        rows[letters] = summary["test"]
+    table = {"protocol": summary["protocol"], "task": summary["task"], "seeds": cfg.train.seeds, "rows": rows}
+    (run / "ablation.json").write_text(json.dumps(table, indent=2))
+    md = ablation_markdown(table)
+    (run / "ablation.md").write_text(md)
+    log(md)
+    return table
+
+
+def ablation_markdown(table: dict) -> str:
+    metrics = TABLE_METRICS[table["task"]]
+    head = f"Modality ablation, test split, mean +- std over {table['seeds']} seed(s)"
+    lines = [head, "", "| modalities | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for letters, summary in table["rows"].items():
+        cells = [f"{fmt(k, summary[k]['mean'])} +- {fmt(k, summary[k]['std'])}" for k in metrics if k in summary]
+        lines.append(f"| {letters} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

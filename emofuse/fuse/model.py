@@ -1,0 +1,327 @@
+"""The SSE-FT fusion transformer (Siriwardhana et al. 2020), over cached features.
+
+Read top to bottom:
+  FusionConfig  - every hyper-parameter, JSON round-trip
+  helpers       - masked pooling in time, fitting a sequence into the learned positions
+  Block         - one post-LN transformer layer (self- or cross-modal attention + FFN)
+  Stream        - one modality: layer mix -> pooling -> (fast) projection -> start token
+                  -> positions -> LayerNorm -> dropout -> self-attention layers
+  CrossStack    - query modality attends to a source modality, layer by layer
+  SSEFT         - streams, the six directional cross stacks, Hadamard pooling, head
+
+Shapes: B batch, T frames, L encoder layers, D feature width, W model width of a modality.
+Masks are True for a real frame. A modality can be absent for a sample (`present`):
+it is then masked out of attention (only its start token stays attendable, so no softmax
+row is ever all masked) and its pooled vector is zeroed before the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emofuse.errors import UserError
+
+MODALITIES = ("audio", "text", "video")  # canonical order: columns of `present`, order of the concat
+
+# The six directional cross stacks of the paper, (query, source): query attends to source.
+CROSS_PAIRS = (
+    ("text", "audio"),
+    ("audio", "text"),
+    ("audio", "video"),
+    ("video", "audio"),
+    ("text", "video"),
+    ("video", "text"),
+)
+
+
+@dataclass
+class FusionConfig:
+    modalities: list[str]  # subset of MODALITIES, in canonical order
+    input_dims: dict[str, int]  # D of each modality's cached features
+    num_layers_in: dict[str, int]  # L of each cache: 1 = (T, D); >1 = (T, L, D), learned softmax layer mix
+    num_outputs: int
+    preset: str = "fast"  # "paper": native widths; "fast": Linear projection of each modality to `width`
+    width: int = 128  # model width of every modality in the fast preset
+    self_layers: dict[str, int] = field(default_factory=lambda: {"audio": 2, "text": 0, "video": 2})
+    cross_layers: int = 2
+    heads: int = 4
+    ffn: int = 1024
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    pool_stride: dict[str, int] = field(default_factory=lambda: {"audio": 1, "text": 1, "video": 1})
+    max_positions: int = 512  # learned positions, start token included; longer inputs are mean-pooled
+
+    def __post_init__(self):
+        self.modalities = list(self.modalities)
+        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
+            raise UserError(
+                f"modalities must be a non-empty subset of {list(MODALITIES)}, got {self.modalities}"
+            )
+        canonical = [m for m in MODALITIES if m in self.modalities]
+        if self.modalities != canonical:
+            raise UserError(f"modalities must be in canonical order {canonical}, got {self.modalities}")
+        if self.preset not in ("paper", "fast"):
+            raise UserError(f"preset must be 'paper' or 'fast', got {self.preset!r}")
+        # Per-modality dicts may name only some modalities (e.g. a YAML override): fill from the defaults.
+        self.self_layers = {"audio": 2, "text": 0, "video": 2} | dict(self.self_layers)
+        self.pool_stride = {"audio": 1, "text": 1, "video": 1} | dict(self.pool_stride)
+        self.num_layers_in = {m: 1 for m in self.modalities} | dict(self.num_layers_in)
+        for m in self.modalities:
+            if m not in self.input_dims:
+                raise UserError(f"input_dims has no entry for modality {m!r}")
+            if self.num_layers_in[m] < 1 or self.pool_stride[m] < 1 or self.self_layers[m] < 0:
+                raise UserError(f"{m}: num_layers_in and pool_stride must be >= 1, self_layers >= 0")
+            if self.width_of(m) % self.heads:
+                raise UserError(f"{m}: width {self.width_of(m)} is not divisible by heads={self.heads}")
+        if self.max_positions < 2:
+            raise UserError("max_positions must be >= 2 (start token + at least one frame)")
+
+    def width_of(self, modality: str) -> int:
+        """Model width W of a modality: its native feature width (paper) or `width` (fast)."""
+        return self.input_dims[modality] if self.preset == "paper" else self.width
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown fusion model setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pool_time(x: Tensor, mask: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    """Masked mean over non-overlapping windows of `stride` frames: (B, T, D) -> (B, ceil(T/stride), D).
+
+    Windows start at frame 0, so padding appended at the end never changes a real window.
+    """
+    if stride == 1:
+        return x, mask
+    B, T, D = x.shape
+    extra = (-T) % stride
+    x = F.pad(x, (0, 0, 0, extra))
+    mask = F.pad(mask, (0, extra), value=False)
+    w = mask.view(B, -1, stride).to(x.dtype)
+    sums = (x.view(B, -1, stride, D) * w[..., None]).sum(2)
+    counts = w.sum(2)
+    return sums / counts.clamp(min=1)[..., None], counts > 0
+
+
+def fit_length(x: Tensor, mask: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
+    """Mean-pool each sample's real frames into at most `max_len` bins (never crop).
+
+    Per sample, the n real frames (in order) go to bin floor(rank * max_len / n) when n > max_len,
+    else to bin rank. This depends only on the sample itself, not on the batch's padded length.
+    """
+    B, T, D = x.shape
+    if T <= max_len:
+        return x, mask
+    n = mask.sum(1, keepdim=True)  # (B, 1) real frames per sample
+    rank = mask.long().cumsum(1) - 1  # position of each real frame among the real ones
+    bins = torch.where(n > max_len, rank * max_len // n.clamp(min=1), rank)
+    bins = torch.where(mask, bins, 0)  # padding goes to bin 0 with weight 0
+    w = mask.to(x.dtype)
+    sums = x.new_zeros(B, max_len, D).scatter_add_(1, bins[..., None].expand(-1, -1, D), x * w[..., None])
+    counts = x.new_zeros(B, max_len).scatter_add_(1, bins, w)
+    return sums / counts.clamp(min=1)[..., None], counts > 0
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Block(nn.Module):
+    """One post-LN transformer layer: x = LN(x + Attn(x, kv)); x = LN(x + FFN(x)).
+
+    Self-attention when kv is x itself; cross-modal attention when kv is another modality's
+    stream, whose keys/values are projected from its own width (kv_width) to this width.
+    Written out (not nn.TransformerEncoderLayer) to have an attention dropout of its own.
+    """
+
+    def __init__(self, width: int, kv_width: int, heads: int, ffn: int, dropout: float, attn_dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(
+            width, heads, dropout=attn_dropout, kdim=kv_width, vdim=kv_width, batch_first=True
+        )
+        self.norm1 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, width))
+        self.norm2 = nn.LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, kv: Tensor, kv_valid: Tensor) -> Tensor:
+        a, _ = self.attn(x, kv, kv, key_padding_mask=~kv_valid, need_weights=False)
+        x = self.norm1(x + self.drop(a))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class Stream(nn.Module):
+    """One modality from cached features to its self-attended sequence (B, 1 + T', W).
+
+    Position 0 is a learned start token: the pooling slot, and always a valid key.
+    """
+
+    def __init__(self, cfg: FusionConfig, m: str):
+        super().__init__()
+        d, w, n_layers = cfg.input_dims[m], cfg.width_of(m), cfg.num_layers_in[m]
+        self.stride = cfg.pool_stride[m]
+        self.max_frames = cfg.max_positions - 1  # one position is the start token's
+        # SUPERB-style weighted sum of encoder layers; zeros = equal weights after softmax.
+        self.layer_logits = nn.Parameter(torch.zeros(n_layers)) if n_layers > 1 else None
+        self.proj = nn.Linear(d, w) if cfg.preset == "fast" else nn.Identity()
+        self.start = nn.Parameter(torch.randn(w) * 0.02)
+        self.positions = nn.Parameter(torch.randn(cfg.max_positions, w) * 0.02)
+        self.norm = nn.LayerNorm(w)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(
+            Block(w, w, cfg.heads, cfg.ffn, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.self_layers[m])
+        )
+
+    def layer_weights(self) -> Tensor | None:
+        return None if self.layer_logits is None else self.layer_logits.softmax(0)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) or (B, T, L, D); mask (B, T) -> stream (B, 1 + T', W), valid (B, 1 + T')."""
+        # Zero padding and absent samples first: garbage (even NaN) must not reach any sum.
+        x = torch.where(mask.view(*mask.shape, *[1] * (x.dim() - 2)), x.to(self.start.dtype), 0.0)
+        if self.layer_logits is not None:
+            x = torch.einsum("btld,l->btd", x, self.layer_weights())
+        # Masked means commute with the (affine) projection, so pooling before it is the same, and cheaper.
+        x, mask = pool_time(x, mask, self.stride)
+        x, mask = fit_length(x, mask, self.max_frames)
+        x = self.proj(x)
+        start = self.start.expand(x.shape[0], 1, -1)
+        if not self.layers:
+            # With no self layers nothing would ever write into the start token: position 0 would be a
+            # constant, so this modality's own cross streams (and a single-modality model) would not
+            # see it. The paper's text stream had RoBERTa's contextual <s> there; we give the start
+            # token the masked mean of the frames (zero for an absent sample) to play that role.
+            mean = (x * mask[..., None]).sum(1, keepdim=True) / mask.sum(1).clamp(min=1)[:, None, None]
+            start = start + mean
+        x = torch.cat([start, x], dim=1)
+        valid = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        x = self.drop(self.norm(x + self.positions[: x.shape[1]]))
+        for layer in self.layers:
+            x = layer(x, x, valid)
+        return x, valid
+
+
+class CrossStack(nn.Module):
+    """Query modality attends to a source modality; the query stream is updated layer by layer,
+    the source's keys/values stay fixed (the source's self-attended stream)."""
+
+    def __init__(self, cfg: FusionConfig, query: str, source: str):
+        super().__init__()
+        wq, ws = cfg.width_of(query), cfg.width_of(source)
+        self.layers = nn.ModuleList(
+            Block(wq, ws, cfg.heads, cfg.ffn, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.cross_layers)
+        )
+
+    def forward(self, q: Tensor, kv: Tensor, kv_valid: Tensor) -> Tensor:
+        for layer in self.layers:
+            q = layer(q, kv, kv_valid)
+        return q
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class SSEFT(nn.Module):
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.streams = nn.ModuleDict({m: Stream(cfg, m) for m in cfg.modalities})
+        self.pairs = [(q, s) for q, s in CROSS_PAIRS if q in cfg.modalities and s in cfg.modalities]
+        self.cross = nn.ModuleDict({f"{q}_to_{s}": CrossStack(cfg, q, s) for q, s in self.pairs})
+        fused = sum(cfg.width_of(m) for m in cfg.modalities)
+        self.head = nn.Sequential(
+            nn.Dropout(cfg.dropout),
+            nn.Linear(fused, fused),
+            nn.Tanh(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(fused, cfg.num_outputs),
+        )
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        masks: dict[str, Tensor],
+        present: Tensor | dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """features[m] (B, T, D) or (B, T, L, D); masks[m] (B, T) bool, True = real frame;
+        present (B, M) bool in cfg.modalities order, or {m: (B,)}; None = all present.
+        A modality missing from `features` is absent for the whole batch. Returns logits (B, num_outputs).
+        """
+        cfg = self.cfg
+        if not any(m in features for m in cfg.modalities):
+            raise ValueError(f"no features for any of {cfg.modalities}")
+        B = next(iter(features.values())).shape[0]
+        device = next(iter(features.values())).device
+        present = self._present(present, B, device)
+
+        streams, valids, here = {}, {}, {}
+        for i, m in enumerate(cfg.modalities):
+            if m in features:
+                x, mask = features[m], masks[m].bool()
+                self._check(m, x, mask)
+            else:  # one zero frame stands in; the sample mask below removes it
+                L, D = cfg.num_layers_in[m], cfg.input_dims[m]
+                x = torch.zeros(B, 1, *((D,) if L == 1 else (L, D)), device=device)
+                mask = torch.zeros(B, 1, dtype=torch.bool, device=device)
+            # A modality with no real frame for a sample counts as absent for it.
+            here[m] = present[:, i] & mask.any(1)
+            streams[m], valids[m] = self.streams[m](x, mask & here[m][:, None])
+
+        pooled = []
+        for m in cfg.modalities:
+            outs = [
+                self.cross[f"{q}_to_{s}"](streams[q], streams[s], valids[s])[:, 0]  # pool position 0
+                for q, s in self.pairs
+                if q == m
+            ]
+            if not outs:  # single-modality model: no cross stacks
+                outs = [streams[m][:, 0]]
+            v = outs[0]
+            for o in outs[1:]:  # Hadamard product of this modality's cross outputs
+                v = v * o
+            pooled.append(v * here[m][:, None].to(v.dtype))  # absent -> zero vector
+        return self.head(torch.cat(pooled, dim=-1))
+
+    def _present(self, present, B: int, device) -> Tensor:
+        M = len(self.cfg.modalities)
+        if present is None:
+            return torch.ones(B, M, dtype=torch.bool, device=device)
+        if isinstance(present, dict):
+            everyone = torch.ones(B, dtype=torch.bool, device=device)
+            present = torch.stack([present.get(m, everyone).to(device) for m in self.cfg.modalities], dim=1)
+        if tuple(present.shape) != (B, M):
+            raise ValueError(
+                f"present must be (batch, {M}) for {self.cfg.modalities}, got {tuple(present.shape)}"
+            )
+        return present.to(device=device, dtype=torch.bool)
+
+    def _check(self, m: str, x: Tensor, mask: Tensor) -> None:
+        L, D = self.cfg.num_layers_in[m], self.cfg.input_dims[m]
+        want = (D,) if L == 1 else (L, D)
+        if tuple(x.shape[2:]) != want or x.dim() != 2 + len(want):
+            want_s = ", ".join(map(str, want))
+            raise ValueError(f"{m}: features must be (B, T, {want_s}), got {tuple(x.shape)}")
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{m}: mask {tuple(mask.shape)} does not match features {tuple(x.shape[:2])}")
+
+    def layer_weights(self) -> dict[str, list[float]]:
+        """Softmax layer-mix weights of the modalities whose cache keeps several layers."""
+        return {
+            m: s.layer_weights().tolist() for m, s in self.streams.items() if s.layer_weights() is not None
+        }
+
+    def count_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

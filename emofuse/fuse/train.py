@@ -1,0 +1,249 @@
+"""The training loop: cached features -> SSE-FT -> the best model on the validation split.
+
+A plain PyTorch loop: AdamW, linear warm-up then linear decay, gradient clipping, early stopping
+on the protocol's validation metric, seeds for everything random. A run folder holds
+
+    config.yaml                   the full resolved config          (runs/<name>/)
+    summary.json                  test metrics, mean and std over seeds
+    seed-<s>/model.safetensors    best weights;  model.json: FusionConfig, classes, stores' fingerprints
+    seed-<s>/normalizer.safetensors  train-split feature statistics, reused by evaluate and predict
+    seed-<s>/metrics.jsonl        one line per epoch;  run.json: git commit, package versions, timings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from emofuse import __version__
+from emofuse.config import Config, save_config
+from emofuse.errors import UserError
+from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches
+from emofuse.fuse.metrics import PRIMARY, is_better, task_metrics
+from emofuse.fuse.model import MODALITIES, SSEFT, FusionConfig
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: Config, modalities: list[str] | None = None) -> CachedData:
+    """The cached features a config's model reads (modalities in canonical order)."""
+    wanted = modalities or cfg.model.modalities
+    modalities = [m for m in MODALITIES if m in wanted]
+    cache_dir = Path(cfg.extract.cache) / cfg.corpus.name
+    return CachedData(cache_dir, cfg.extract.encoders, modalities)
+
+
+def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
+    p = data.protocol
+    num_outputs = len(p.classes) if p.task == "classification" else 1
+    arch = asdict(cfg.model)
+    arch.pop("modalities")
+    return FusionConfig(modalities=list(data.stores), input_dims=data.dims(), num_layers_in=data.layers(),
+                        num_outputs=num_outputs, **arch)
+
+
+def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(out, y)
+    return F.l1_loss(out.squeeze(-1), y)  # CMU-MOSI/MOSEI: L1 on the [-3, 3] score
+
+
+def drop_modalities(present: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Hide each present modality with probability `rate`, keeping at least one per sample,
+    so one model learns to serve every modality subset."""
+    if rate <= 0:
+        return present
+    keep = torch.rand(present.shape, generator=gen) >= rate
+    dropped = present & keep
+    empty = ~dropped.any(1) & present.any(1)
+    dropped[empty] = present[empty]  # nothing left: keep the sample's modalities as they were
+    return dropped
+
+
+@torch.no_grad()
+def predict(model: SSEFT, data: CachedData, ids: list[str], normalizer: Normalizer | None,
+            max_frames: int, batch_size: int = 64, present_override: dict[str, bool] | None = None) -> np.ndarray:
+    """Model outputs for `ids` in their given order. Deterministic: no random crops at test time."""
+    model.eval()
+    lengths = {i: sum(len(data.features[m].get(i, ())) for m in data.stores) for i in ids}
+    out = {}
+    for batch in make_batches(ids, lengths, batch_size, shuffle=False):
+        feats, masks, present = collate(batch, data.features, data.frame_shapes(), normalizer, max_frames)
+        if present_override:
+            for j, m in enumerate(data.stores):
+                if not present_override.get(m, True):
+                    present[:, j] = False
+        logits = model(feats, masks, present)
+        for uid, row in zip(batch, logits.float().numpy()):
+            out[uid] = row
+    return np.stack([out[i] for i in ids])
+
+
+def outputs_to_predictions(task: str, outputs: np.ndarray) -> np.ndarray:
+    return outputs.argmax(-1) if task == "classification" else outputs[:, 0]
+
+
+def evaluate_split(model, data, ids, targets, normalizer, max_frames, **kw) -> dict:
+    p = data.protocol
+    outputs = predict(model, data, ids, normalizer, max_frames, **kw)
+    y_pred = outputs_to_predictions(p.task, outputs)
+    y_true = np.array([targets[i] for i in ids])
+    return task_metrics(p.task, y_true, y_pred, p.classes)
+
+
+def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool = True) -> dict:
+    """Train one seed; save the best model to run_dir; return its validation and test metrics."""
+    t = cfg.train
+    set_seed(seed)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    p = data.protocol
+    targets = data.targets()
+    split = {s: [i for i in data.split_ids(s) if i in targets] for s in (p.train_split, p.dev_split, p.test_split)}
+    train_ids, dev_ids, test_ids = split[p.train_split], split[p.dev_split], split[p.test_split]
+    for name, ids in ((p.train_split, train_ids), (p.dev_split, dev_ids), (p.test_split, test_ids)):
+        if not ids:
+            raise UserError(f"split {name!r} of {data.cache_dir} has no labelled utterances")
+
+    normalizer = Normalizer.fit(data.features, train_ids) if t.normalize else None
+    fcfg = fusion_config(cfg, data)
+    model = SSEFT(fcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ids) / t.batch_size)
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = max(1, int(t.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    lengths = {i: sum(len(data.features[m].get(i, ())) for m in data.stores) for i in train_ids}
+    primary = PRIMARY[p.task]
+
+    best, best_epoch, log = None, -1, []
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    start = time.perf_counter()
+    bar = tqdm(range(t.epochs), desc=f"train seed {seed}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        losses = []
+        for batch in make_batches(train_ids, lengths, t.batch_size, shuffle=True, rng=rng):
+            feats, masks, present = collate(batch, data.features, data.frame_shapes(), normalizer, t.max_frames)
+            present = drop_modalities(present, t.modality_dropout, gen)
+            y = torch.tensor([targets[i] for i in batch],
+                             dtype=torch.long if p.task == "classification" else torch.float32)
+            loss = loss_fn(p.task, model(feats, masks, present), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        dev = evaluate_split(model, data, dev_ids, targets, normalizer, t.max_frames)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+                  "dev": {k: v for k, v in dev.items() if isinstance(v, float)}}
+        log.append(record)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if best is None or is_better(primary, dev[primary], best):
+            best, best_epoch = dev[primary], epoch
+            save_model(model, normalizer, run_dir, data, cfg, seed)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{f"dev_{primary}": f"{dev[primary]:.3f}"})
+        if epoch - best_epoch >= t.patience:
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    model, normalizer = load_model(run_dir)
+    test = evaluate_split(model, data, test_ids, targets, normalizer, t.max_frames)
+    result = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(log), "primary": primary,
+              "dev": {primary: best}, "test": test, "train_seconds": train_seconds,
+              "n": {"train": len(train_ids), "dev": len(dev_ids), "test": len(test_ids)},
+              "parameters": model.count_parameters(), "protocol": p.name}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    write_provenance(run_dir, data)
+    return result
+
+
+def save_model(model: SSEFT, normalizer: Normalizer | None, run_dir: Path, data: CachedData, cfg: Config,
+               seed: int) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
+    if normalizer is not None:
+        save_file(normalizer.state(), run_dir / "normalizer.safetensors")
+    meta = {"fusion": model.cfg.to_dict(), "protocol": asdict(data.protocol), "seed": seed,
+            "max_frames": cfg.train.max_frames, "fingerprints": data.fingerprints(),
+            "encoders": {m: data.stores[m].spec for m in data.stores}}
+    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_model(run_dir: Path) -> tuple[SSEFT, Normalizer | None]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.json").exists():
+        raise UserError(f"{run_dir}: no model.json (not a trained run, or training did not finish an epoch)")
+    meta = json.loads((run_dir / "model.json").read_text())
+    model = SSEFT(FusionConfig.from_dict(meta["fusion"]))
+    model.load_state_dict(load_file(run_dir / "model.safetensors"))
+    model.eval()
+    norm_path = run_dir / "normalizer.safetensors"
+    normalizer = Normalizer.from_state(load_file(norm_path)) if norm_path.exists() else None
+    return model, normalizer
+
+
+def write_provenance(run_dir: Path, data: CachedData) -> None:
+    """Enough to trace any number back: code version, packages, the stores it read."""
+    import sklearn
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info = {"emofuse": __version__, "git_commit": commit, "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "sklearn": sklearn.__version__,
+            "stores": {m: {"path": str(s.path), "fingerprint": s.fingerprint} for m, s in data.stores.items()}}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every scalar test metric."""
+    keys = [k for k, v in results[0]["test"].items() if isinstance(v, float)]
+    out = {}
+    for k in keys:
+        vals = np.array([r["test"][k] for r in results], dtype=float)
+        out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    return out
+
+
+def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None = None,
+          data: CachedData | None = None) -> dict:
+    """Every seed of a config; writes runs/<name>/ and returns the summary."""
+    run_root = Path(run_root or Path(cfg.train.runs) / cfg.train.name)
+    run_root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_root / "config.yaml")
+    data = data or load_data(cfg)
+    results = []
+    for k in range(cfg.train.seeds):
+        seed = cfg.train.seed + k
+        results.append(fit(cfg, data, run_root / f"seed-{seed}", seed, progress=progress))
+        r = results[-1]
+        log(f"seed {seed}: best epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
+    summary = {"protocol": data.protocol.name, "task": data.protocol.task, "modalities": list(data.stores), "seeds": [r["seed"] for r in results],
+               "test": summarize(results)}
+    (run_root / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
