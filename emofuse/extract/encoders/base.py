@@ -67,6 +67,8 @@ def build_encoder(modality: str, spec: dict) -> Encoder:
     cls = _REGISTRY[name]
     if cls.modality and cls.modality != modality:
         raise UserError(f"encoder backend {name!r} encodes {cls.modality}, not {modality}")
+    if not cls.modality:  # backends serving several modalities (hf) learn theirs from the config
+        spec.setdefault("modality", modality)
     try:
         return cls(**spec)
     except TypeError as e:  # unknown option in the spec

@@ -1,0 +1,319 @@
+"""Any transformers encoder in a local folder: audio (wav2vec2, HuBERT, WavLM, data2vec-audio) or text
+(BERT, RoBERTa, MiniLM, ...). Nothing is downloaded: the folder must already hold the model.
+
+Batch invariance: an utterance's features never depend on what it was batched with.
+- Text models and audio models with a layer-norm feature encoder take an attention mask: a batch
+  is padded and masked (and each utterance's rows are cut back to its own length).
+- Audio models with a group-norm feature encoder (feat_extract_norm="group", e.g. wav2vec2-base,
+  HuBERT-base) normalise over the whole padded input and were never trained with a mask: their
+  inputs are only batched with inputs of exactly the same length.
+
+Long inputs are cut into overlapping windows and stitched (see chunking.py), never truncated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emofuse.corpora.base import Utterance
+from emofuse.errors import PrepareError, UserError
+from emofuse.extract.encoders.base import Encoder, file_sha256, register
+from emofuse.extract.encoders.chunking import chunk_spans, conv_output_length, stitch
+from emofuse.extract.media import load_audio
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def check_model_folder(path) -> Path:
+    """The local model folder, or a UserError that says what to put where."""
+    if not path:
+        raise UserError("hf encoder: option 'path' (a local transformers model folder) is required")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"hf encoder: model folder {str(folder)!r} does not exist. Nothing is downloaded at run time: "
+            f"put the transformers model there (config.json, model.safetensors or pytorch_model.bin, and "
+            f"preprocessor_config.json for audio or the tokenizer files for text), e.g. on a machine with "
+            f"internet: huggingface-cli download <model id> --local-dir {folder}"
+        )
+    if not (folder / "config.json").is_file():
+        raise UserError(f"hf encoder: {folder / 'config.json'} not found; {folder} is not a transformers model folder")
+    return folder
+
+
+def weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"hf encoder: no weights in {folder} (expected model.safetensors or pytorch_model.bin)")
+    return files
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@contextlib.contextmanager
+def exact_float32(device: str):
+    """Full float32 on a GPU: cuDNN convolutions default to TF32 (~1e-3 relative error, with a
+    different algorithm per batch shape), which would make an utterance's features depend on its
+    batch. Matmuls too, in case someone lowered the global precision."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@register("hf")
+class HFEncoder(Encoder):
+    modality = ""  # audio or text: set per instance from the option or the model's config
+
+    def __init__(
+        self,
+        path: str | None = None,
+        modality: str | None = None,
+        layer: int | str = -1,
+        dtype: str = "float32",
+        device: str = "auto",
+        chunk_seconds: float = 30.0,
+        overlap_seconds: float = 1.0,
+        max_tokens: int | None = None,  # text window; None = the model's limit, at most 512
+        overlap: int = 64,
+    ):
+        from transformers import AutoConfig, AutoModel
+
+        self.path = str(path) if path is not None else None
+        folder = check_model_folder(path)
+        self.folder = folder
+        self.config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        # A wav2vec2-style model has a strided conv feature encoder; anything else is read as text.
+        is_audio = hasattr(self.config, "conv_kernel") and hasattr(self.config, "conv_stride")
+        self.modality = modality or ("audio" if is_audio else "text")
+        if self.modality not in ("audio", "text"):
+            raise UserError(f"hf encoder: modality must be 'audio' or 'text', got {self.modality!r}")
+        if self.modality == "text" and is_audio:
+            raise UserError(f"hf encoder: {folder} holds an audio model ({self.config.model_type}), not a text encoder")
+        if self.modality == "audio" and not is_audio:
+            raise UserError(
+                f"hf encoder: {folder} holds a {self.config.model_type!r} model; audio needs a wav2vec2-style "
+                "model (wav2vec2, HuBERT, WavLM, data2vec-audio)"
+            )
+        if dtype not in DTYPES:
+            raise UserError(f"hf encoder: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        n_layers = self.config.num_hidden_layers
+        if not (layer == "all" or (isinstance(layer, int) and -(n_layers + 1) <= layer <= n_layers)):
+            raise UserError(f"hf encoder: layer must be 'all' or an int in [-{n_layers + 1}, {n_layers}], got {layer!r}")
+        self.layer = layer
+        self.dim = self.config.hidden_size
+        self.device = pick_device(device)
+        self._weights_sha = None  # computed on first full_spec(): hashing a 1 GB file takes seconds
+
+        try:
+            # float32 whatever the checkpoint's dtype (transformers 5 would otherwise keep it)
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True).float()
+        except (OSError, ValueError) as e:
+            raise UserError(f"hf encoder: cannot load the model in {folder}: {e}") from None
+        self.model.eval().requires_grad_(False).to(self.device)
+
+        if self.modality == "text":
+            self._init_text(folder, max_tokens, overlap)
+        else:
+            self._init_audio(folder, chunk_seconds, overlap_seconds)
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _init_text(self, folder, max_tokens, overlap):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"hf encoder: no usable tokenizer in {folder}: {e}") from None
+        # The special tokens around one sequence ([CLS] x [SEP], <s> x </s>), read off a probe so
+        # that any prefix/suffix template works: every window gets them.
+        content = self.tokenizer("hello", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("hello", add_special_tokens=True)["input_ids"]
+        at = next(i for i in range(len(full)) if full[i : i + len(content)] == content)
+        self.prefix, self.suffix = full[:at], full[at + len(content) :]
+        self.n_special = len(self.prefix) + len(self.suffix)
+        limits = [getattr(self.config, "max_position_embeddings", None) or 512]
+        if self.tokenizer.model_max_length < 100_000:  # "unset" is a huge sentinel
+            limits.append(self.tokenizer.model_max_length)
+        if max_tokens is None:
+            max_tokens = min([512] + limits)
+        if max_tokens > min(limits):
+            raise UserError(f"hf encoder: max_tokens={max_tokens} exceeds the model's limit of {min(limits)} tokens")
+        if not 0 <= overlap < max_tokens - self.n_special:
+            raise UserError(f"hf encoder: overlap={overlap} must be >= 0 and < max_tokens minus special tokens")
+        self.max_tokens, self.overlap = max_tokens, overlap
+        self.fps = None
+        self.masked = True  # text encoders always take an attention mask
+
+    def _init_audio(self, folder, chunk_seconds, overlap_seconds):
+        from transformers import AutoFeatureExtractor
+
+        try:
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"hf encoder: no usable preprocessor_config.json in {folder}: {e}") from None
+        self.sample_rate = int(self.feature_extractor.sampling_rate)
+        self.kernels, self.strides = list(self.config.conv_kernel), list(self.config.conv_stride)
+        self.hop = int(np.prod(self.strides))  # samples per output frame
+        self.fps = self.sample_rate / self.hop
+        # Windows start on frame boundaries so that their frames line up with the whole input's.
+        self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
+        self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
+        if not 0 <= self.window_overlap < self.window:
+            raise UserError(f"hf encoder: need 0 <= overlap_seconds < chunk_seconds, got {overlap_seconds}, {chunk_seconds}")
+        self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
+        self.masked = getattr(self.config, "feat_extract_norm", "layer") == "layer"
+
+    # -- the Encoder interface -------------------------------------------------------------------
+
+    def weights_sha256(self) -> dict:
+        if self._weights_sha is None:
+            self._weights_sha = {f.name: file_sha256(f) for f in weight_files(self.folder)}
+        return self._weights_sha
+
+    def full_spec(self) -> dict:
+        spec = {
+            "backend": self.backend,
+            "path": self.path,
+            "checkpoint_sha256": self.weights_sha256(),
+            "model_type": self.config.model_type,
+            "modality": self.modality,
+            "layer": self.layer,
+            "dtype": self.dtype,
+        }
+        if self.modality == "text":
+            spec.update(max_tokens=self.max_tokens, overlap=self.overlap)
+        else:
+            spec.update(sample_rate=self.sample_rate, chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds)
+        return spec
+
+    def prepare(self, utt: Utterance) -> np.ndarray:
+        """Text: token ids without special tokens (int64). Audio: the model's input values (float32)."""
+        if self.modality == "text":
+            text = (utt.text or "").strip()
+            if not text:
+                raise PrepareError("text", "empty transcript")
+            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if not ids:
+                raise PrepareError("text", f"transcript gives no tokens: {text[:50]!r}")
+            return np.asarray(ids, dtype=np.int64)
+
+        path = utt.audio or utt.video
+        if not path:
+            raise PrepareError("decode", "utterance has no audio or video file")
+        wav = load_audio(path, self.sample_rate, utt.start, utt.end)
+        if conv_output_length(len(wav), self.kernels, self.strides) < 1:
+            raise PrepareError("audio", f"too short: {len(wav)} samples give no frame")
+        # Normalised over the whole utterance, before any chunking, so windows share one scale.
+        x = self.feature_extractor(wav, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
+        return np.asarray(x, dtype=np.float32)
+
+    def size(self, item: np.ndarray) -> int:
+        return len(item) + (self.n_special if self.modality == "text" else 0)
+
+    def encode(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        # Cut every item into windows, run all windows of the batch together, stitch per item.
+        windows, spans_of = [], []
+        for item in items:
+            spans = self._spans(len(item))
+            spans_of.append(spans)
+            windows += [self._window_input(item[s:e]) for s, e in spans]
+        outputs = self._forward(windows)
+
+        results, k = [], 0
+        for item, spans in zip(items, spans_of):
+            outs = outputs[k : k + len(spans)]
+            k += len(spans)
+            results.append(self._stitch(item, spans, outs))
+        return results
+
+    # -- windows ---------------------------------------------------------------------------------
+
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        if self.modality == "text":
+            return chunk_spans(n, self.max_tokens - self.n_special, self.overlap)
+        return chunk_spans(n, self.window, self.window_overlap, align=self.hop)
+
+    def _window_input(self, piece: np.ndarray) -> np.ndarray:
+        if self.modality == "text":
+            return np.asarray(self.prefix + piece.tolist() + self.suffix, dtype=np.int64)
+        return piece
+
+    def _stitch(self, item, spans, outs) -> np.ndarray:
+        if self.modality == "audio":
+            # Window [s, e) of samples gives frames [s / hop, s / hop + len(out)) of the whole input.
+            total = conv_output_length(len(item), self.kernels, self.strides)
+            return stitch(outs, [s // self.hop for s, _ in spans], total)
+        # Text: stitch the content tokens; the leading special tokens ([CLS], <s>) come from the
+        # first window and the trailing ones ([SEP], </s>) from the last.
+        n_front, n_back = len(self.prefix), len(self.suffix)
+        content = stitch([o[n_front : len(o) - n_back] for o in outs], [s for s, _ in spans], len(item))
+        return np.concatenate([outs[0][:n_front], content, outs[-1][len(outs[-1]) - n_back :]])
+
+    # -- the forward -----------------------------------------------------------------------------
+
+    def _forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Each input's unpadded (T, D) or (T, L, D) output, in order."""
+        if self.masked:
+            groups = [list(range(len(inputs)))]
+        else:  # no mask support: only inputs of exactly the same length share a forward
+            by_len = defaultdict(list)
+            for i, x in enumerate(inputs):
+                by_len[len(x)].append(i)
+            groups = list(by_len.values())
+        outputs = [None] * len(inputs)
+        for group in groups:
+            for i, out in zip(group, self._forward_padded([inputs[i] for i in group])):
+                outputs[i] = out
+        return outputs
+
+    def _forward_padded(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        lengths = [len(x) for x in inputs]
+        n = max(lengths)
+        pad = (self.tokenizer.pad_token_id or 0) if self.modality == "text" else 0.0
+        batch = np.full((len(inputs), n), pad, dtype=inputs[0].dtype)
+        mask = np.zeros((len(inputs), n), dtype=np.int64)
+        for i, x in enumerate(inputs):
+            batch[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        key = "input_ids" if self.modality == "text" else "input_values"
+        kwargs = {key: torch.from_numpy(batch).to(self.device)}
+        if self.masked:
+            kwargs["attention_mask"] = torch.from_numpy(mask).to(self.device)
+
+        if DTYPES[self.dtype] is None:
+            precision = exact_float32(self.device)
+        else:
+            precision = torch.autocast(device_type=self.device.split(":")[0], dtype=DTYPES[self.dtype])
+        with torch.inference_mode(), precision:
+            out = self.model(**kwargs, output_hidden_states=True)
+            hidden = list(out.hidden_states)
+            # Pre-LN models (wav2vec2-large-lv60, WavLM, ...) apply a final LayerNorm that
+            # transformers 5 leaves out of hidden_states; "the last hidden state" includes it.
+            if out.last_hidden_state.shape == hidden[-1].shape:
+                hidden[-1] = out.last_hidden_state
+            h = torch.stack(hidden, dim=2) if self.layer == "all" else hidden[self.layer]
+            h = h.float().cpu().numpy()
+
+        if self.modality == "text":
+            out_lengths = lengths
+        else:
+            out_lengths = [conv_output_length(m, self.kernels, self.strides) for m in lengths]
+        return [np.ascontiguousarray(h[i, :t]) for i, t in enumerate(out_lengths)]

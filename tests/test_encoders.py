@@ -1,0 +1,456 @@
+"""The frozen encoders: shapes, dims, batch invariance, agreement with the model's own forward,
+chunking of long inputs, and clear errors (missing folders, empty text, no face, too short).
+
+The hf tests build tiny random models in a temporary folder; nothing is downloaded.
+"""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from emofuse.corpora.base import Utterance
+from emofuse.errors import PrepareError, UserError
+from emofuse.extract import faces
+from emofuse.extract.encoders.base import build_encoder, file_sha256
+from emofuse.extract.encoders.chunking import chunk_spans, conv_output_length, stitch
+from tests.test_media import write_mp4
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def maxdiff(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())
+
+
+def check_batch_invariance(enc, items):
+    together = enc.encode(items)
+    alone = [enc.encode([it])[0] for it in items]
+    for a, b in zip(together, alone):
+        assert a.dtype == np.float32
+        assert maxdiff(a, b) < TOL
+
+
+def speech_like(seconds, sr=16000, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 120 + 30 * np.sin(2 * np.pi * 2 * t)
+    x = np.sin(2 * np.pi * np.cumsum(f0) / sr) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    return (0.3 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def wav_utt(tmp_path, name, seconds, seed=0):
+    path = tmp_path / f"{name}.wav"
+    sf.write(path, speech_like(seconds, seed=seed), 16000)
+    return Utterance(id=name, audio=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# chunking
+
+
+def test_chunk_spans_cover_and_align():
+    assert chunk_spans(10, 16, 4) == [(0, 10)]
+    for n, window, overlap, align in [(100, 16, 4, 1), (1000, 320, 64, 32), (97, 10, 0, 1), (33, 32, 8, 8)]:
+        spans = chunk_spans(n, window, overlap, align)
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+            assert s1 % align == 0 and s1 > s0 and e0 - s1 >= overlap  # neighbours overlap enough
+        assert all(window <= e - s < window + align for s, e in spans)
+    with pytest.raises(ValueError):
+        chunk_spans(100, 16, 16)
+
+
+def test_stitch_takes_each_row_from_its_most_central_window():
+    n = 100
+    spans = chunk_spans(n, 30, 10)
+    # piece k holds (global row, k): the stitched result says which window each row came from
+    pieces = [np.stack([np.arange(s, e), np.full(e - s, k)], axis=1) for k, (s, e) in enumerate(spans)]
+    out = stitch(pieces, [s for s, _ in spans], n)
+    assert out[:, 0].tolist() == list(range(n))
+    for row, k in out:
+        s, e = spans[k]
+        best = max(min(row - s0, e0 - 1 - row) for s0, e0 in spans if s0 <= row < e0)
+        assert min(row - s, e - 1 - row) == best
+
+
+def test_conv_output_length_matches_wav2vec2():
+    kernels, strides = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
+    assert conv_output_length(16000, kernels, strides) == 49
+    assert conv_output_length(399, kernels, strides) == 0
+    assert conv_output_length(400, kernels, strides) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# minilm
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return build_encoder("text", {"backend": "minilm"})
+
+
+def owned(spans):
+    """[lo, hi) of the rows each window gives to the stitched output: cuts in the middle of overlaps."""
+    cuts = [(s1 + e0) // 2 for (_, e0), (s1, _) in zip(spans, spans[1:])]
+    return list(zip([spans[0][0]] + cuts, cuts + [spans[-1][1]]))
+
+
+def check_windows(enc, ids, out):
+    """Each stitched row of a text equals the forward of the window it was taken from."""
+    spans = enc._spans(len(ids))
+    assert len(spans) >= 2
+    own = [enc._forward([enc._window_input(ids[s:e])])[0] for s, e in spans]
+    n_front, n_back = len(enc.prefix), len(enc.suffix)
+    for (lo, hi), (s, _), o in zip(owned(spans), spans, own):
+        assert maxdiff(out[n_front + lo : n_front + hi], o[n_front + lo - s : n_front + hi - s]) < TOL
+    assert maxdiff(out[:n_front], own[0][:n_front]) < TOL  # [CLS] from the first window
+    assert maxdiff(out[len(out) - n_back :], own[-1][len(own[-1]) - n_back :]) < TOL  # [SEP] from the last
+
+
+def test_minilm_shapes_batching_and_reference(minilm):
+    assert minilm.modality == "text" and minilm.dim == 384 and minilm.fps is None
+    texts = ["Hello there, how are you?", "I am so angry right now that I could scream!", "ok"]
+    items = [minilm.prepare(Utterance(id=str(i), text=t)) for i, t in enumerate(texts)]
+    outs = minilm.encode(items)
+    for it, out in zip(items, outs):
+        assert out.shape == (len(it) + 2, 384)  # [CLS] tokens [SEP]
+        assert minilm.size(it) == len(it) + 2
+    check_batch_invariance(minilm, items)
+
+    tok = minilm.tokenizer(texts[1], return_tensors="pt")
+    with torch.inference_mode():
+        ref = minilm.model(**tok).last_hidden_state[0].numpy()
+    assert maxdiff(outs[1], ref) < TOL
+
+
+def test_minilm_long_text_is_chunked_not_truncated(minilm):
+    text = " ".join(f"sentence {i} says something rather different." for i in range(80))
+    ids = minilm.prepare(Utterance(id="long", text=text))
+    assert len(ids) > 2 * minilm.max_tokens
+    out = minilm.encode([ids])[0]
+    assert out.shape == (len(ids) + 2, 384) and np.isfinite(out).all()
+    check_windows(minilm, ids, out)
+    short = minilm.prepare(Utterance(id="s", text="short one"))
+    check_batch_invariance(minilm, [ids, short])
+
+
+def test_minilm_spec_and_errors(minilm):
+    spec = minilm.full_spec()
+    assert spec["backend"] == "minilm" and spec["layer"] == -1 and spec["max_tokens"] == 256
+    assert "path" not in spec  # the venv path differs between machines
+    assert list(spec["checkpoint_sha256"].values())[0] == file_sha256(minilm.folder / "model.safetensors")
+    for text in ["", "   \n ", None]:
+        with pytest.raises(PrepareError) as e:
+            minilm.prepare(Utterance(id="e", text=text))
+        assert e.value.stage == "text" and e.value.reason == "empty transcript"
+    with pytest.raises(UserError):
+        build_encoder("text", {"backend": "minilm", "layer": 9})
+
+
+# ---------------------------------------------------------------------------------------------
+# opensmile
+
+
+def test_opensmile_egemaps(tmp_path):
+    enc = build_encoder("audio", {"backend": "opensmile"})
+    assert enc.modality == "audio" and enc.dim == 25 and enc.fps == 100
+    utts = [wav_utt(tmp_path, "a", 1.0), wav_utt(tmp_path, "b", 2.5, seed=1)]
+    items = [enc.prepare(u) for u in utts]
+    outs = enc.encode(items)
+    for out, seconds in zip(outs, [1.0, 2.5]):
+        assert out.dtype == np.float32 and out.shape[1] == 25
+        assert abs(out.shape[0] - seconds * 100) <= 6  # 10 ms hop, minus the analysis window
+        assert np.isfinite(out).all()
+    check_batch_invariance(enc, items)
+    assert enc.full_spec()["feature_set"] == "eGeMAPSv02"
+
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.zeros(16000, np.float32), 16000)
+    assert np.isfinite(enc.encode([enc.prepare(Utterance(id="s", audio=str(silence)))])[0]).all()
+
+    tiny = tmp_path / "tiny.wav"
+    sf.write(tiny, speech_like(0.02), 16000)
+    with pytest.raises(PrepareError) as e:
+        enc.prepare(Utterance(id="t", audio=str(tiny)))
+    assert e.value.stage == "audio" and "too short" in e.value.reason
+
+
+def test_opensmile_compare_and_cut(tmp_path):
+    enc = build_encoder("audio", {"backend": "opensmile", "feature_set": "ComParE_2016"})
+    assert enc.dim == 65
+    u = wav_utt(tmp_path, "a", 3.0)
+    u.start, u.end = 1.0, 2.0
+    out = enc.encode([enc.prepare(u)])[0]
+    assert out.shape[1] == 65 and abs(out.shape[0] - 100) <= 6
+    with pytest.raises(UserError):
+        build_encoder("audio", {"backend": "opensmile", "feature_set": "NoSuchSet"})
+
+
+# ---------------------------------------------------------------------------------------------
+# dlib faces
+
+
+@pytest.fixture(scope="module")
+def face_video(tmp_path_factory):
+    """2 s at 25 fps of the astronaut's face (256x256), moving a little; with audio."""
+    from skimage import data
+
+    img = data.astronaut()[40:296, 96:352]  # the face is ~90 px wide in this crop
+    frames = np.stack([np.roll(img, i, axis=1) for i in range(50)])
+    path = tmp_path_factory.mktemp("video") / "face.mp4"
+    write_mp4(path, frames, fps=25, audio=speech_like(2.0))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dlib_enc():
+    return build_encoder("video", {"backend": "dlib"})
+
+
+def test_dlib_face_features(dlib_enc, face_video):
+    enc = dlib_enc
+    assert enc.modality == "video" and enc.dim == 264 and enc.fps == 5.0
+    item = enc.prepare(Utterance(id="f", video=face_video))
+    assert item["landmarks"].shape == (10, 136) and item["chips"].shape == (10, 150, 150, 3)
+    assert enc.size(item) == 10
+    out = enc.encode([item])[0]
+    assert out.shape == (10, 264) and out.dtype == np.float32 and np.isfinite(out).all()
+    # landmarks: centred, eye distance 1; descriptor: dlib's unit-scale 128-d embedding
+    pts = out[0, :136].reshape(68, 2)
+    assert np.abs(pts.mean(axis=0)).max() < 1e-4
+    assert abs(np.linalg.norm(pts[42:48].mean(0) - pts[36:42].mean(0)) - 1) < 1e-4
+    assert 0.5 < np.linalg.norm(out[0, 136:]) < 2.0
+    # the same face in every frame: descriptors agree
+    assert np.linalg.norm(out[:, 136:] - out[0, 136:], axis=1).max() < 0.2
+
+    clip = enc.prepare(Utterance(id="c", video=face_video, start=0.5, end=1.5))
+    assert enc.size(clip) == 5
+    check_batch_invariance(enc, [item, clip])
+    spec = enc.full_spec()
+    assert spec["fps"] == 5.0 and len(spec["checkpoint_sha256"]) == 2
+
+
+def test_dlib_descriptor_every_k_frames(dlib_enc, face_video):
+    sparse = build_encoder("video", {"backend": "dlib", "descriptor_every": 4})
+    item = dlib_enc.prepare(Utterance(id="f", video=face_video))
+    full, thin = dlib_enc.encode([item])[0], sparse.encode([item])[0]
+    assert thin.shape == full.shape == (10, 264)
+    np.testing.assert_array_equal(thin[:, :136], full[:, :136])  # landmarks untouched
+    for i in range(10):  # frame i holds the descriptor computed on frame i - i % 4
+        np.testing.assert_allclose(thin[i, 136:], full[i - i % 4, 136:], atol=1e-6)
+    assert sparse.full_spec()["descriptor_every"] == 4 and sparse.full_spec() != dlib_enc.full_spec()
+
+
+def test_dlib_no_face_is_a_face_failure(dlib_enc, tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (10, 128, 128, 3), dtype=np.uint8)
+    path = tmp_path / "noise.mp4"
+    write_mp4(path, noise, fps=10)
+    with pytest.raises(PrepareError) as e:
+        dlib_enc.prepare(Utterance(id="n", video=str(path)))
+    assert e.value.stage == "face" and "no face found in 5 frames" in e.value.reason
+    with pytest.raises(PrepareError) as e:
+        dlib_enc.prepare(Utterance(id="v", video=None))
+    assert e.value.stage == "decode"
+
+
+def test_haar_detector_finds_the_face(face_video):
+    from emofuse.extract.media import load_video_frames
+
+    frames = load_video_frames(face_video, fps=2)
+    keep, haar = faces.face_frames(frames, detector="haar")
+    assert len(keep) == len(frames)
+    _, hog = faces.face_frames(frames, detector="dlib")
+    for a, b in zip(haar, hog):  # both detectors put the box on the same face
+        inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        assert inter / (faces._area(a) + faces._area(b) - inter) > 0.4
+
+
+def test_tracking_follows_the_same_face(monkeypatch):
+    A, B = (100, 100, 200, 200), (10, 10, 60, 60)
+    near_a, near_b = (105, 102, 205, 202), (12, 10, 62, 60)
+    script = [[B, A], [near_b, near_a], [], [], [], [near_b]]
+    calls = iter(script)
+    monkeypatch.setattr(faces, "detect_faces", lambda frame, detector, upsample: next(calls))
+    boxes = faces.track_faces(np.zeros((6, 8, 8, 3), np.uint8), max_gap=2)
+    # largest first; then the closest to it; held for 2 empty frames; dropped; then a new face
+    assert boxes == [A, near_a, near_a, near_a, None, near_b]
+
+
+# ---------------------------------------------------------------------------------------------
+# hf: tiny random models in a local folder
+
+
+def tiny_wav2vec2(folder, norm="layer", stable=False):
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        feat_extract_norm=norm, do_stable_layer_norm=stable, vocab_size=10,
+    )  # fmt: skip
+    Wav2Vec2Model(cfg).save_pretrained(folder)
+    fe = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=norm == "layer")
+    fe.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_text_model(folder, kind="bert"):
+    from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    from emofuse.extract.encoders.minilm import model_dir
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "bert":
+        model = BertModel(BertConfig(max_position_embeddings=512, **sizes))
+    else:  # RoBERTa positions start after the padding index; BERT's vocabulary pads with 0
+        model = RobertaModel(RobertaConfig(max_position_embeddings=514, pad_token_id=0, **sizes))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir(), local_files_only=True).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "w2v_layer": tiny_wav2vec2(root / "w2v_layer", "layer"),
+        "w2v_stable": tiny_wav2vec2(root / "w2v_stable", "layer", stable=True),
+        "w2v_group": tiny_wav2vec2(root / "w2v_group", "group"),
+        "bert": tiny_text_model(root / "bert", "bert"),
+        "roberta": tiny_text_model(root / "roberta", "roberta"),
+    }
+
+
+def reference_audio_forward(enc, item):
+    """The transformers model's own forward on one unpadded input."""
+    with torch.inference_mode():
+        return enc.model(torch.from_numpy(item)[None], output_hidden_states=True)
+
+
+@pytest.mark.parametrize("variant", ["w2v_layer", "w2v_stable", "w2v_group"])
+def test_hf_audio(tiny, tmp_path, variant):
+    enc = build_encoder("audio", {"backend": "hf", "path": tiny[variant]})  # modality read from the config
+    assert enc.modality == "audio" and enc.dim == 32 and enc.fps == 50.0
+    assert enc.masked == (variant != "w2v_group")
+    utts = [wav_utt(tmp_path, f"u{i}", s, seed=i) for i, s in enumerate([0.5, 0.83, 1.2, 0.5])]
+    items = [enc.prepare(u) for u in utts]
+    outs = enc.encode(items)
+    for it, out in zip(items, outs):
+        assert out.shape == (conv_output_length(len(it), enc.kernels, enc.strides), 32)
+        ref = reference_audio_forward(enc, it).last_hidden_state[0].numpy()
+        assert maxdiff(out, ref) < TOL
+    check_batch_invariance(enc, items)
+
+    spec = enc.full_spec()
+    assert spec["checkpoint_sha256"] == {"model.safetensors": file_sha256(f"{tiny[variant]}/model.safetensors")}
+    assert spec["sample_rate"] == 16000 and spec["layer"] == -1 and spec["dtype"] == "float32"
+
+
+def test_hf_audio_layers_and_chunking(tiny, tmp_path):
+    path = tiny["w2v_layer"]
+    u = wav_utt(tmp_path, "long", 3.3)
+    every = build_encoder("audio", {"backend": "hf", "path": path, "layer": "all"})
+    item = every.prepare(u)
+    all_layers = every.encode([item])[0]
+    n_frames = conv_output_length(len(item), every.kernels, every.strides)
+    assert all_layers.shape == (n_frames, 3, 32)
+    ref = reference_audio_forward(every, item)
+    for layer in range(2):
+        assert maxdiff(all_layers[:, layer], ref.hidden_states[layer][0].numpy()) < TOL
+
+    # Windows of 1 s sharing 0.6 s: the cut is 0.3 s (15 frames) inside each window. Layer 0 only
+    # sees +-8 frames (the positional conv), so the stitched output equals the plain forward
+    # everywhere; the last layer sees the whole window, so each row equals its own window's forward.
+    chunked0 = build_encoder("audio", {"backend": "hf", "path": path, "layer": 0, "chunk_seconds": 1.0, "overlap_seconds": 0.6})
+    spans = chunked0._spans(len(item))
+    assert len(spans) >= 3
+    out0 = chunked0.encode([item])[0]
+    assert maxdiff(out0, all_layers[:, 0]) < TOL
+
+    chunked = build_encoder("audio", {"backend": "hf", "path": path, "chunk_seconds": 1.0, "overlap_seconds": 0.6})
+    out = chunked.encode([item])[0]
+    assert out.shape == (n_frames, 32)
+    own = [chunked._forward([item[s:e]])[0] for s, e in spans]
+    frame_spans = [(s // chunked.hop, s // chunked.hop + len(o)) for (s, _), o in zip(spans, own)]
+    for (lo, hi), (f0, _), o in zip(owned(frame_spans), frame_spans, own):
+        assert maxdiff(out[lo:hi], o[lo - f0 : hi - f0]) < TOL
+    short = wav_utt(tmp_path, "short", 0.7)
+    check_batch_invariance(chunked, [item, chunked.prepare(short)])
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_hf_text(tiny, kind):
+    enc = build_encoder("text", {"backend": "hf", "path": tiny[kind], "max_tokens": 16, "overlap": 4})
+    assert enc.modality == "text" and enc.dim == 32 and enc.fps is None
+    texts = ["a short one", "a much longer text, with many more words in it than fit into one window of fourteen tokens, "
+             "so that it has to be cut into several overlapping windows and stitched back together", "yes"]
+    items = [enc.prepare(Utterance(id=str(i), text=t)) for i, t in enumerate(texts)]
+    outs = enc.encode(items)
+    for it, out in zip(items, outs):
+        assert out.shape == (len(it) + 2, 32)
+    check_batch_invariance(enc, items)
+
+    # a single window is exactly the model's own forward
+    tok = enc.tokenizer(texts[0], return_tensors="pt")
+    with torch.inference_mode():
+        ref = enc.model(input_ids=tok["input_ids"]).last_hidden_state[0].numpy()
+    assert maxdiff(outs[0], ref) < TOL
+
+    # long text: 14-token windows, stitched; every row from its own window's forward
+    long_ids = items[1]
+    assert len(long_ids) > 2 * 14
+    check_windows(enc, long_ids, outs[1])
+
+
+def test_hf_bfloat16_is_close(tiny, tmp_path):
+    u = wav_utt(tmp_path, "a", 1.0)
+    f32 = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_layer"]})
+    bf16 = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_layer"], "dtype": "bfloat16"})
+    a = f32.encode([f32.prepare(u)])[0]
+    b = bf16.encode([bf16.prepare(u)])[0]
+    assert b.dtype == np.float32 and b.shape == a.shape
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
+    assert bf16.full_spec()["dtype"] == "bfloat16"
+
+
+def test_hf_errors(tiny, tmp_path):
+    for path in [str(tmp_path / "nowhere"), "facebook/wav2vec2-base"]:
+        with pytest.raises(UserError, match="does not exist") as e:
+            build_encoder("audio", {"backend": "hf", "path": path})
+        assert path in str(e.value)
+    with pytest.raises(UserError, match="required"):
+        build_encoder("audio", {"backend": "hf"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        build_encoder("audio", {"backend": "hf", "path": str(tmp_path / "empty")})
+    with pytest.raises(UserError, match="layer"):
+        build_encoder("audio", {"backend": "hf", "path": tiny["w2v_layer"], "layer": 7})
+    with pytest.raises(UserError, match="wav2vec2-style"):
+        build_encoder("audio", {"backend": "hf", "path": tiny["bert"], "modality": "audio"})
+    with pytest.raises(UserError, match="not a text encoder"):
+        build_encoder("text", {"backend": "hf", "path": tiny["w2v_layer"], "modality": "text"})
+    with pytest.raises(UserError, match="bad option"):
+        build_encoder("audio", {"backend": "hf", "path": tiny["w2v_layer"], "no_such_option": 1})
+
+    enc = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_layer"]})
+    tiny_wav = tmp_path / "tiny.wav"
+    sf.write(tiny_wav, np.zeros(200, np.float32) + 0.1, 16000)
+    with pytest.raises(PrepareError) as e:
+        enc.prepare(Utterance(id="t", audio=str(tiny_wav)))
+    assert e.value.stage == "audio" and "too short" in e.value.reason
+    text = build_encoder("text", {"backend": "hf", "path": tiny["bert"]})
+    with pytest.raises(PrepareError, match="empty transcript"):
+        text.prepare(Utterance(id="e", text=" "))
