@@ -6,7 +6,6 @@ the traceback instead.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -81,11 +80,12 @@ def extract(config, overrides, quiet):
 def train(config, overrides, seeds, quiet):
     """Train the fusion model on cached features; the run goes to <train.runs>/<train.name>/."""
     from emofuse.config import load_config
+    from emofuse.fuse.evaluate import summary_line
     from emofuse.fuse.train import train as train_runs
 
     cfg = load_config(config, list(overrides) + ([f"train.seeds={seeds}"] if seeds else []))
     summary = train_runs(cfg, progress=not quiet)
-    click.echo(json.dumps(summary["test"], indent=2))
+    click.echo(summary_line(summary))
 
 
 @main.command()

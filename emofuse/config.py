@@ -38,7 +38,7 @@ class ExtractConfig:
     # padded size per encoder batch, in the encoder's own unit (samples, tokens, frames)
     batch_budget: dict[str, int] = field(default_factory=lambda: {"audio": 16000 * 60, "text": 8192, "video": 256})
     workers: int = 2  # threads preparing inputs (decode, resample, tokenize, face crops)
-    shard_mb: int = 64  # shard size; at most this much finished work is redone after a crash
+    shard_mb: float = 64.0  # shard size; at most this much finished work is redone after a crash
     retry_failures: bool = False  # encode again the utterances listed in failures.jsonl
 
 

@@ -6,13 +6,15 @@ of the previous frame (the largest one in the first frame); when a frame has non
 box for up to `max_gap` frames (a blink, a turned head); frames with no face after that are dropped.
 
 Models come from the `face_recognition_models` package (68-point shape predictor, ResNet face
-descriptor); they are loaded once per process.
+descriptor); they are loaded once per thread: the pipeline prepares utterances in several threads,
+and sharing one dlib detector or predictor between threads gave run-to-run different landmarks.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,28 +49,44 @@ def descriptor_model_path() -> Path:
     return model_file("dlib_face_recognition_resnet_model_v1.dat")
 
 
-@functools.cache
+_local = threading.local()
+
+
+def per_thread(load):
+    """Like functools.cache, but one object per thread (dlib and OpenCV models are not thread-safe)."""
+
+    @functools.wraps(load)
+    def get():
+        key = load.__name__
+        if not hasattr(_local, key):
+            setattr(_local, key, load())
+        return getattr(_local, key)
+
+    return get
+
+
+@per_thread
 def _dlib_detector():
     import dlib
 
     return dlib.get_frontal_face_detector()
 
 
-@functools.cache
+@per_thread
 def _haar_detector():
     import cv2
 
     return cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
 
 
-@functools.cache
+@per_thread
 def shape_predictor():
     import dlib
 
     return dlib.shape_predictor(str(landmark_model_path()))
 
 
-@functools.cache
+@per_thread
 def face_descriptor_model():
     import dlib
 

@@ -60,7 +60,7 @@ def extract_corpus(cfg, corpus: Corpus, progress: bool = True, log=print) -> lis
         budget = cfg.extract.batch_budget.get(modality, 1 << 30)
         results.append(extract_modality(
             corpus.utterances, encoder, cache_dir, budget=budget, workers=cfg.extract.workers,
-            shard_bytes=cfg.extract.shard_mb << 20, retry_failures=cfg.extract.retry_failures,
+            shard_bytes=int(cfg.extract.shard_mb * (1 << 20)), retry_failures=cfg.extract.retry_failures,
             progress=progress, log=log))
     return results
 

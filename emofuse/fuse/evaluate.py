@@ -151,6 +151,14 @@ def ablation(run: Path, progress: bool = True, log=print) -> dict:
     return table
 
 
+def summary_line(summary: dict) -> str:
+    """One line for a training summary: the protocol's table metrics, mean +- std over seeds."""
+    test = summary["test"]
+    cells = [f"{k} {fmt(k, test[k]['mean'])} +- {fmt(k, test[k]['std'])}" for k in TABLE_METRICS[summary["task"]]
+             if k in test]
+    return f"{summary['protocol']} test ({len(summary['seeds'])} seed(s)): " + ", ".join(cells)
+
+
 def ablation_markdown(table: dict) -> str:
     metrics = TABLE_METRICS[table["task"]]
     head = f"Modality ablation, test split, mean +- std over {table['seeds']} seed(s)"
