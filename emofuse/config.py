@@ -20,8 +20,10 @@ from emofuse.errors import UserError
 
 @dataclass
 class CorpusConfig:
-    name: str = "demo"  # a module of emofuse.corpora: demo | manifest | ...
+    name: str = "demo"  # a module of emofuse.corpora: demo | meld | mosi | mosei | iemocap | emodb | ravdess | manifest
     root: str = "data/demo"  # where the corpus lives on disk (the demo is generated there)
+    protocol: str = ""  # which standard protocol of the corpus ("" = its default), e.g. meld: emotion | sentiment
+    options: dict[str, Any] = field(default_factory=dict)  # reader options, e.g. {fold: "03"} or manifest columns
     size: str = "full"  # demo only: small | full
     seed: int = 0  # demo only
 

@@ -1,19 +1,32 @@
-"""Corpus readers. Each module turns a corpus on disk into Utterance records and its protocol."""
+"""Corpus readers. Each module turns a corpus on disk into Utterance records and its protocol:
+
+    load(root: Path, protocol: str = "", **options) -> Corpus
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from emofuse.corpora.base import Corpus
 from emofuse.errors import UserError
 
+# corpus name -> module of emofuse.corpora
+READERS = {"demo": "demo"}
+
 
 def load_corpus(cfg, progress: bool = True) -> Corpus:
     """cfg is a CorpusConfig. The demo corpus is generated on first use; real corpora must exist."""
     root = Path(cfg.root)
+    if cfg.name not in READERS:
+        raise UserError(f"unknown corpus {cfg.name!r} (available: {', '.join(sorted(READERS))})")
+    module = importlib.import_module(f"emofuse.corpora.{READERS[cfg.name]}")
     if cfg.name == "demo":
-        from emofuse.corpora import demo
-
-        demo.generate(root, size=cfg.size, seed=cfg.seed, progress=progress)
-        return demo.load(root)
-    raise UserError(f"unknown corpus {cfg.name!r} (available: demo)")
+        module.generate(root, size=cfg.size, seed=cfg.seed, progress=progress)
+        return module.load(root)
+    if not root.exists():
+        raise UserError(f"corpus root {root} does not exist (set corpus.root=/path/to/{cfg.name})")
+    options = dict(cfg.options)
+    if cfg.name in ("mosi", "mosei"):  # one reader for both CMU corpora
+        options["name"] = cfg.name
+    return module.load(root, protocol=cfg.protocol, **options)
