@@ -101,6 +101,30 @@ def evaluate(run, ablation, quiet):
         ev.ablation(run, progress=not quiet, log=click.echo)
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("media", required=False)
+@click.option("--text", default=None, help="Transcript of the clip.")
+@click.option("--transcript", type=click.Path(path_type=Path), default=None, help="File holding the transcript.")
+@click.option("--audio", default=None, help="Audio file (default: MEDIA).")
+@click.option("--video", default=None, help="Video file (default: MEDIA).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def predict(run, media, text, transcript, audio, video, as_json):
+    """Predict the emotion of one new clip with a trained run's extraction settings."""
+    import json
+
+    from emofuse.fuse.predict import format_prediction, predict_media
+
+    if transcript is not None:
+        if not transcript.is_file():
+            raise UserError(f"transcript file not found: {transcript}")
+        text = transcript.read_text(encoding="utf-8", errors="replace")
+    if media is None and audio is None and video is None and text is None:
+        raise UserError("give a media file, --audio/--video, or --text")
+    result = predict_media(run, media, text=text, audio=audio, video=video)
+    click.echo(json.dumps(result, indent=2) if as_json else format_prediction(result))
+
+
 @main.group()
 def cache():
     """Inspect and check feature stores."""

@@ -137,3 +137,29 @@ def test_sigkill_mid_extraction_then_resume(demo, tmp_path):
         for uid in b.ids():  # bit-identical to the uninterrupted run
             np.testing.assert_array_equal(a.get(uid), b.get(uid))
         assert not list(killed[modality].glob("*.tmp"))
+
+
+def test_predict_one_clip_and_refuse_other_settings(demo):
+    root, _ = demo
+    run = root / "runs" / "demo"
+    if not (run / "seed-0" / "model.json").exists():
+        cli("train", "configs/demo.yaml", *overrides(root), "--quiet")
+    clip = sorted((root / "data" / "video").glob("*.mp4"))[0]
+    out = cli("predict", run, clip, "--audio", str(clip).replace("video", "audio").replace(".mp4", ".wav"),
+              "--text", "I am so happy about this!", "--json")
+    result = json.loads(out)
+    assert set(result["used"]) == {"audio", "text", "video"} and not result["missing"]
+    assert abs(sum(result["probabilities"].values()) - 1) < 1e-5
+    assert result["prediction"] in result["probabilities"]
+    # text only: still predicts, and says what is missing
+    result = json.loads(cli("predict", run, "--text", "We went to the office on Tuesday.", "--json"))
+    assert result["used"] == ["text"] and set(result["missing"]) == {"audio", "video"}
+    # a run whose config now names other video settings is refused, naming the setting
+    config = run / "config.yaml"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace("fps: 3", "fps: 4"))
+        refused = CliRunner().invoke(main, ["predict", str(run), str(clip)])
+        assert refused.exit_code == 2 and "fps: 3.0 vs 4.0" in refused.output, refused.output
+    finally:
+        config.write_text(original)

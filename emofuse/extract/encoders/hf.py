@@ -93,7 +93,9 @@ class HFEncoder(Encoder):
         overlap: int = 64,
     ):
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # our own bars report progress; its weight-loading bar is noise
         self.path = str(path) if path is not None else None
         folder = check_model_folder(path)
         self.folder = folder
