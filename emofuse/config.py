@@ -31,12 +31,10 @@ class CorpusConfig:
 @dataclass
 class ExtractConfig:
     cache: str = "cache"  # stores go to <cache>/<corpus name>/<modality>-<encoder tag>/
-    # modality -> encoder spec; the spec (with defaults filled in) is fingerprinted
-    encoders: dict[str, Any] = field(default_factory=lambda: {
-        "audio": {"backend": "opensmile"},
-        "text": {"backend": "minilm"},
-        "video": {"backend": "dlib"},
-    })
+    # modality -> encoder spec, e.g. {text: {backend: minilm}}; the spec (with defaults filled in) is
+    # fingerprinted. Empty by default: a config names exactly the encoders it uses (YAML dicts merge
+    # key by key, so defaults here would sneak extra modalities into a text-only config).
+    encoders: dict[str, Any] = field(default_factory=dict)
     # padded size per encoder batch, in the encoder's own unit (samples, tokens, frames)
     batch_budget: dict[str, int] = field(default_factory=lambda: {"audio": 16000 * 60, "text": 8192, "video": 256})
     workers: int = 2  # threads preparing inputs (decode, resample, tokenize, face crops)

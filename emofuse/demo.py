@@ -10,6 +10,7 @@ from pathlib import Path
 
 from emofuse.config import load_config
 from emofuse.corpora import load_corpus
+from emofuse.errors import UserError
 from emofuse.extract.pipeline import extract_corpus
 from emofuse.fuse.evaluate import ablation, evaluate_run
 from emofuse.fuse.train import train
@@ -23,8 +24,9 @@ def run_demo(out: Path, size: str = "full", seeds: int | None = None, progress: 
                  f"train.runs={out / 'runs'}"]
     if seeds:
         overrides.append(f"train.seeds={seeds}")
-    # The packaged defaults are the demo's settings; configs/demo.yaml (in a checkout) spells them out.
-    cfg = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None, overrides)
+    if not DEMO_CONFIG.exists():
+        raise UserError(f"{DEMO_CONFIG} not found: run the demo from a checkout of emofuse (make demo)")
+    cfg = load_config(DEMO_CONFIG, overrides)
     timings = {}
 
     t = time.perf_counter()

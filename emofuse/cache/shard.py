@@ -13,6 +13,7 @@ sees half a shard, and a crash leaves at most a `.tmp` that the store removes.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -33,16 +34,21 @@ def write_shard(path: Path, ids: list[str], arrays: list[np.ndarray], fingerprin
     offsets[1:] = np.cumsum(lengths)
     features = np.concatenate(arrays, axis=0).astype(np.float16, copy=False)
 
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    # Build the HDF5 file in memory, then write its bytes with plain file I/O: a full disk or a
+    # file-size limit then surfaces as one OSError, not as HDF5 errors at close time.
+    with h5py.File(io.BytesIO(), "w") as f:
         f.create_dataset("features", data=features)
         f.create_dataset("offsets", data=offsets)
         f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.attrs["fingerprint"] = fingerprint
         f.attrs["format_version"] = FORMAT_VERSION
         f.flush()
-    with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
-        os.fsync(fh.fileno())
+        image = f.id.get_file_image()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(image)
+        fh.flush()
+        os.fsync(fh.fileno())  # durable before the rename publishes it
     os.replace(tmp, path)
 
 

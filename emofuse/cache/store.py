@@ -290,12 +290,22 @@ class ShardWriter:
             self.flush()
 
     def add_failure(self, uid: str, stage: str, reason: str) -> None:
-        with open(self.store.path / "failures.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": uid, "stage": stage, "reason": reason}, ensure_ascii=False) + "\n")
+        try:
+            with open(self.store.path / "failures.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"id": uid, "stage": stage, "reason": reason}, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise CacheError(f"{self.store.path / 'failures.jsonl'}: could not write ({e.strerror or e})") from None
 
     def flush(self) -> None:
         if not self.ids:
             return
-        write_shard(self._next_path(), self.ids, self.arrays, self.store.fingerprint)
+        path = self._next_path()
+        try:
+            write_shard(path, self.ids, self.arrays, self.store.fingerprint)
+        except OSError as e:  # disk full, file-size limit, permissions: keep what is finished, say so
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            self.ids, self.arrays, self.nbytes = [], [], 0  # nothing to retry on exit
+            raise CacheError(f"{path}: could not write shard ({e.strerror or e}); the {self.shards_written} "
+                             f"shard(s) written before stay valid, run again to resume") from None
         self.shards_written += 1
         self.ids, self.arrays, self.nbytes = [], [], 0

@@ -12,7 +12,8 @@ from emofuse.corpora.base import Corpus
 from emofuse.errors import UserError
 
 # corpus name -> module of emofuse.corpora
-READERS = {"demo": "demo"}
+READERS = {"demo": "demo", "meld": "meld", "mosi": "cmu", "mosei": "cmu", "iemocap": "iemocap",
+           "emodb": "emodb", "ravdess": "ravdess", "manifest": "manifest"}
 
 
 def load_corpus(cfg, progress: bool = True) -> Corpus:

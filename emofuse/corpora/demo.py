@@ -133,18 +133,18 @@ def _fill(template: str, rng: np.random.Generator) -> str:
 #   slope   pitch change from start to end of the utterance, semitones (rising > 0, falling < 0)
 #   accent  pitch excursion on stressed syllables, semitones; width = its duration, in syllables
 #   rate    syllables per second
-#   gain    loudness, dB
+#   gain    loudness, dB; stress = extra loudness of stressed syllables, dB
 #   tilt    spectral tilt of the voice source, dB per octave (flatter = tenser, louder voice)
 #   jitter  / shimmer: random cycle-to-cycle variation of pitch / amplitude (relative)
 #   breath  aspiration noise relative to the voiced source
 PROSODY = {
-    "neutral": dict(level=0.0, slope=-1.0, accent=1.0, width=0.45, rate=4.2, gain=0.0, tilt=-9.0,
+    "neutral": dict(level=0.0, slope=-1.0, accent=1.0, width=0.45, rate=4.2, gain=0.0, stress=3.0, tilt=-9.0,
                     jitter=0.004, shimmer=0.04, breath=0.03),
-    "happy": dict(level=6.0, slope=5.0, accent=3.5, width=0.5, rate=5.4, gain=3.0, tilt=-7.0,
+    "happy": dict(level=6.0, slope=5.0, accent=3.5, width=0.5, rate=5.4, gain=3.0, stress=4.0, tilt=-7.0,
                   jitter=0.006, shimmer=0.05, breath=0.03),
-    "sad": dict(level=-3.5, slope=-4.0, accent=0.3, width=0.5, rate=2.7, gain=-9.0, tilt=-14.0,
+    "sad": dict(level=-3.5, slope=-4.0, accent=0.3, width=0.5, rate=2.7, gain=-9.0, stress=1.0, tilt=-14.0,
                 jitter=0.014, shimmer=0.12, breath=0.12),
-    "angry": dict(level=3.0, slope=-1.5, accent=6.0, width=0.12, rate=5.8, gain=9.0, tilt=-4.5,
+    "angry": dict(level=3.0, slope=-1.5, accent=6.0, width=0.12, rate=5.8, gain=9.0, stress=7.0, tilt=-4.5,
                   jitter=0.014, shimmer=0.09, breath=0.03),
 }
 
@@ -228,13 +228,13 @@ def synth_audio(rng: np.random.Generator, duration: float, cls: str, intensity: 
         onset = int(m * rng.uniform(0.1, 0.25))  # consonant part: low, noisy
         env = np.zeros(m)
         env[onset:] = np.sin(np.pi * np.linspace(0, 1, m - onset)) ** 0.7
-        seg *= env * (1.6 if accent_here else 1.0) ** (1 + p["gain"] / 8)
+        seg *= env * 10 ** ((p["stress"] if accent_here else 0.0) / 20)
         if rng.random() < 0.5:
             burst = np.diff(rng.standard_normal(onset + 1)) * np.hanning(onset) * 0.3
             seg[:onset] += burst
         out[i0:i1] += seg
 
-    gain = 10 ** ((p["gain"] + speaker["gain"]) / 20) * 0.08
+    gain = 10 ** ((p["gain"] + speaker["gain"]) / 20) * 0.03  # the loudest (angry) voices peak below 1
     out = out * gain + 1e-4 * rng.standard_normal(n)  # a faint noise floor: no digital silence
     return np.clip(out, -1, 1).astype(np.float32), syl
 

@@ -46,14 +46,29 @@ PUNCTUATION = str.maketrans({
 })
 
 
+def _mojibake() -> dict[str, str]:
+    """'â€™' -> '’' etc.: each curly character's UTF-8 bytes as cp1252 or latin-1 would show them
+    (cp1252 leaves a few bytes undefined; those pass through as latin-1 does)."""
+    def cp1252(b: int) -> str:
+        try:
+            return bytes([b]).decode("cp1252")
+        except UnicodeDecodeError:
+            return chr(b)
+
+    table = {}
+    for char in "\u2018\u2019\u201c\u201d\u2026\u2013\u2014":
+        raw = char.encode("utf-8")
+        table["".join(cp1252(b) for b in raw)] = char
+        table[raw.decode("latin-1")] = char
+    return table
+
+
+MOJIBAKE = _mojibake()
+
+
 def clean_text(text: str) -> str:
-    if "\u00e2\u20ac" in text or "\u00e2\x80" in text:  # UTF-8 read as cp1252 / latin-1: undo it
-        for wrong in ("cp1252", "latin-1"):
-            try:
-                text = text.encode(wrong).decode("utf-8")
-                break
-            except UnicodeError:
-                continue
+    for wrong, right in MOJIBAKE.items():
+        text = text.replace(wrong, right)
     return " ".join(text.translate(PUNCTUATION).split())
 
 

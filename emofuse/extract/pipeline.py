@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from emofuse.cache.store import FeatureStore
 from emofuse.corpora.base import Corpus, Utterance, write_utterances
-from emofuse.errors import PrepareError
+from emofuse.errors import PrepareError, UserError
 from emofuse.extract.batching import length_batches
 from emofuse.extract.encoders.base import Encoder, build_encoder, fingerprint, tag
 
@@ -51,6 +51,8 @@ def write_corpus_index(corpus: Corpus, cache_dir: Path) -> None:
 
 def extract_corpus(cfg, corpus: Corpus, progress: bool = True, log=print) -> list[ModalityResult]:
     """cfg is a Config. Extract every modality named in cfg.extract.encoders."""
+    if not cfg.extract.encoders:
+        raise UserError("the config names no encoders (extract.encoders: {text: {backend: minilm}, ...})")
     cache_dir = corpus_cache_dir(cfg.extract.cache, corpus.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_corpus_index(corpus, cache_dir)
