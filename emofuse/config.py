@@ -76,6 +76,7 @@ class TrainConfig:
     normalize: bool = True  # standardise each feature dim with train-split mean/std (opensmile LLDs span Hz and dB)
     max_frames: int = 0  # 0 = keep all frames; else evenly subsample longer sequences (train and test alike)
     num_threads: int = 0  # torch threads; 0 = torch's default
+    preload_gb: float = 4.0  # load all features into memory when they fit; else read per batch from HDF5
 
 
 @dataclass

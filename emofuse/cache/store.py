@@ -143,6 +143,16 @@ class FeatureStore:
         k, i = self.index[uid]
         return self.shards[k].read(i)
 
+    def length(self, uid: str) -> int:
+        """Frames of one utterance, from the offsets alone (no feature read)."""
+        k, i = self.index[uid]
+        off = self.shards[k].offsets
+        return int(off[i + 1] - off[i])
+
+    def nbytes(self) -> int:
+        """Bytes of all features when loaded as float16."""
+        return sum(int(s.features.size) * 2 for s in self.shards)
+
     def load_all(self) -> dict[str, np.ndarray]:
         """Every utterance in memory, read shard by shard (one sequential read each)."""
         out = {}

@@ -8,6 +8,7 @@ modality is missing (not extracted, or in failures.jsonl). Missing modalities be
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class Normalizer:
     std: dict[str, np.ndarray]
 
     @classmethod
-    def fit(cls, features: dict[str, dict[str, np.ndarray]], ids: list[str]) -> "Normalizer":
+    def fit(cls, features: dict[str, Mapping], ids: list[str]) -> "Normalizer":
         mean, std = {}, {}
         for m, by_id in features.items():
             # Running sums in float64 over the train utterances only.
@@ -60,6 +61,7 @@ class Normalizer:
                 x = by_id.get(uid)
                 if x is None:
                     continue
+                shape = x.shape[1:]
                 x = x.astype(np.float64).reshape(len(x), -1)
                 n += len(x)
                 s = s + x.sum(0)
@@ -68,7 +70,6 @@ class Normalizer:
                 raise UserError(f"no training utterance has {m} features")
             mu = s / n
             var = np.maximum(ss / n - mu * mu, 0.0)
-            shape = next(v for v in by_id.values() if v is not None).shape[1:]
             mean[m] = mu.reshape(shape).astype(np.float32)
             std[m] = np.sqrt(var + 1e-6).reshape(shape).astype(np.float32)
         return cls(mean, std)
@@ -88,10 +89,29 @@ class Normalizer:
         return cls(mean, std)
 
 
+class StoreFeatures(Mapping):
+    """A store seen as {id: features}, read from HDF5 on access (through the OS page cache).
+    Used when the features do not fit the preload budget: memory stays bounded by a batch."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    def __getitem__(self, uid: str) -> np.ndarray:
+        if uid not in self.store.index:
+            raise KeyError(uid)
+        return self.store.get(uid)
+
+    def __iter__(self):
+        return iter(self.store.index)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
 class CachedData:
     """Everything a run needs from the cache: features per modality, labels, splits."""
 
-    def __init__(self, cache_dir: Path, encoders: dict[str, dict], modalities: list[str]):
+    def __init__(self, cache_dir: Path, encoders: dict[str, dict], modalities: list[str], preload_gb: float = 4.0):
         self.cache_dir = Path(cache_dir)
         utt_path = self.cache_dir / "utterances.jsonl"
         if not utt_path.exists():
@@ -104,8 +124,16 @@ class CachedData:
             if m not in encoders:
                 raise UserError(f"modality {m!r} is in model.modalities but has no encoder in extract.encoders")
             self.stores[m] = find_store(self.cache_dir, m, encoders[m])
-        # Preloaded as float16 (as stored): the demo and MELD-sized corpora fit easily.
-        self.features = {m: s.load_all() for m, s in self.stores.items()}
+        # Preload (float16, as stored) when everything fits the budget: one sequential read per shard.
+        # Otherwise read per batch from HDF5; the page cache keeps hot shards in memory anyway.
+        total = sum(s.nbytes() for s in self.stores.values())
+        self.preloaded = total <= preload_gb * (1 << 30)
+        self.features: dict[str, Mapping] = {
+            m: s.load_all() if self.preloaded else StoreFeatures(s) for m, s in self.stores.items()}
+
+    def length(self, uid: str) -> int:
+        """Frames of an utterance over all modalities, for length bucketing (no feature read)."""
+        return sum(s.length(uid) for s in self.stores.values() if uid in s)
 
     def fingerprints(self) -> dict[str, str]:
         return {m: s.fingerprint for m, s in self.stores.items()}

@@ -46,7 +46,7 @@ def load_data(cfg: Config, modalities: list[str] | None = None) -> CachedData:
     wanted = modalities or cfg.model.modalities
     modalities = [m for m in MODALITIES if m in wanted]
     cache_dir = Path(cfg.extract.cache) / cfg.corpus.name
-    return CachedData(cache_dir, cfg.extract.encoders, modalities)
+    return CachedData(cache_dir, cfg.extract.encoders, modalities, preload_gb=cfg.train.preload_gb)
 
 
 def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
@@ -81,7 +81,7 @@ def predict(model: SSEFT, data: CachedData, ids: list[str], normalizer: Normaliz
             max_frames: int, batch_size: int = 64, present_override: dict[str, bool] | None = None) -> np.ndarray:
     """Model outputs for `ids` in their given order. Deterministic: no random crops at test time."""
     model.eval()
-    lengths = {i: sum(len(data.features[m].get(i, ())) for m in data.stores) for i in ids}
+    lengths = {i: data.length(i) for i in ids}
     out = {}
     for batch in make_batches(ids, lengths, batch_size, shuffle=False):
         feats, masks, present = collate(batch, data.features, data.frame_shapes(), normalizer, max_frames)
@@ -133,7 +133,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    lengths = {i: sum(len(data.features[m].get(i, ())) for m in data.stores) for i in train_ids}
+    lengths = {i: data.length(i) for i in train_ids}
     primary = PRIMARY[p.task]
 
     best, best_epoch, log = None, -1, []

@@ -77,7 +77,7 @@ def build_encoder(modality: str, spec: dict) -> Encoder:
 
 def _import_backends() -> None:
     # Imported lazily so that `emofuse --help` does not load torch, opencv and dlib.
-    from emofuse.extract.encoders import dlib_face, fabnet, hf, minilm, opensmile_lld  # noqa: F401
+    from emofuse.extract.encoders import dlib_face, fabnet, fairseq_backend, hf, minilm, opensmile_lld  # noqa: F401
 
 
 def fingerprint(spec: dict) -> str:

@@ -1,0 +1,436 @@
+"""fairseq checkpoints, as the paper used them: wav2vec 1.0 (`wav2vec_large.pt`, 512-d context vectors
+of the `feature_aggregator`), wav2vec 2.0 and HuBERT (any layer, or all of them), and RoBERTa from a
+folder holding `model.pt`, `dict.txt` and the GPT-2 BPE files `encoder.json` and `vocab.bpe`.
+
+Optional: `pip install emofuse[fairseq]` (fairseq-fixed; see README). fairseq is imported only when
+this backend is used. It must never pull in torchaudio (whose wheel cannot load next to a CPU torch):
+nothing here imports it, and fairseq's own model modules do not.
+
+Loading. The checkpoint is read by `load_torch_checkpoint` (weights_only=True) with an allow-list of
+data-only globals that fairseq files hold: argparse.Namespace (old `args`), omegaconf containers
+(`cfg`), fairseq's Dictionary (HuBERT's `task_state`) and numpy scalars (training metrics). Then
+fairseq's own code builds the task and the model and loads the weights strictly
+(checkpoint_utils.load_model_ensemble_and_task). fairseq `eval()`s the conv layer specs of audio
+models (e.g. "[(512, 10, 5)] + [(512, 3, 2)] * 4"), so those strings are checked to be plain list
+arithmetic first: a checkpoint is code-free or it is refused (unless trust_checkpoint).
+
+Layers. wav2vec 2.0, HuBERT and RoBERTa give L + 1 states: the transformer's input, then the output
+of each layer, the last one being the model's final output (with the final LayerNorm of pre-LN
+models), as transformers' hidden_states. `layer: N` picks one, `layer: all` keeps every one (T, L+1, D).
+wav2vec 1.0 has one output, its context vectors.
+
+Windowing and batching are HFEncoder's (long inputs cut into overlapping windows and stitched back;
+see chunking.py). An utterance's features never depend on its batch-mates: RoBERTa and wav2vec 2.0
+models with a layer-norm feature encoder get padded, masked batches; wav2vec 1.0 (group norm over
+time), group-norm wav2vec 2.0 and HuBERT (whose padding mask counts frames differently from the
+conv arithmetic) only share a forward between inputs of exactly the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emofuse.corpora.base import Utterance
+from emofuse.errors import PrepareError, UserError
+from emofuse.extract.encoders.base import file_sha256, register
+from emofuse.extract.encoders.chunking import conv_output_length
+from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
+from emofuse.extract.encoders.hf import HFEncoder, exact_float32, pick_device
+from emofuse.extract.media import load_audio
+
+INSTALL_HINT = "pip install emofuse[fairseq] (see README)"
+TEXT_FILES = ("model.pt", "dict.txt", "encoder.json", "vocab.bpe")
+
+
+def import_fairseq():
+    """fairseq's model, task and checkpoint modules; a UserError when fairseq is not installed."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # its INFO notices (model configs, tensorboardX)
+    try:
+        import fairseq.checkpoint_utils
+        import fairseq.models
+        import fairseq.tasks  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"fairseq encoder: fairseq is not installed ({e}): {INSTALL_HINT}") from None
+    finally:
+        # Two of fairseq's task modules call logging.basicConfig(level=INFO) on import: keep the
+        # host program's logging as it was.
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+    return fairseq
+
+
+def safe_globals() -> list:
+    """What fairseq checkpoints pickle besides tensors and plain containers: all data, no code."""
+    import collections
+    import typing
+
+    from fairseq.data.dictionary import Dictionary
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
+
+    mult = np._core.multiarray
+    numpy_globals = [mult.scalar, mult._reconstruct, np.ndarray, np.dtype,
+                     # files written with numpy 1.x name them numpy.core.*
+                     (mult.scalar, "numpy.core.multiarray.scalar"), (mult._reconstruct, "numpy.core.multiarray._reconstruct")]
+    numpy_globals += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i4", "i8", "u1", "bool")]
+    return [argparse.Namespace, Dictionary, DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode,
+            BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode, typing.Any,
+            collections.defaultdict, dict, list, int, float, str, bool] + numpy_globals
+
+
+class LayerSpecCheck(ast.NodeVisitor):
+    """Accepts only lists/tuples of numbers combined with + and * (what fairseq's conv specs are)."""
+
+    ALLOWED = (ast.Expression, ast.List, ast.Tuple, ast.Constant, ast.BinOp, ast.Add, ast.Mult, ast.Load,
+               ast.UnaryOp, ast.USub)
+
+    def generic_visit(self, node):
+        if not isinstance(node, self.ALLOWED):
+            raise ValueError(type(node).__name__)
+        if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float)):
+            raise ValueError(repr(node.value))
+        super().generic_visit(node)
+
+
+def check_code_free(cfg, path, trust: bool) -> None:
+    """fairseq eval()s these strings of an audio model's config: make sure they hold no code."""
+    model_cfg = cfg.model
+    for key in ("conv_feature_layers", "conv_aggregator_layers"):
+        text = model_cfg.get(key) if hasattr(model_cfg, "get") else getattr(model_cfg, key, None)
+        if text is None or trust:
+            continue
+        try:
+            LayerSpecCheck().visit(ast.parse(str(text), mode="eval"))
+        except (SyntaxError, ValueError):
+            raise UserError(
+                f"fairseq encoder: {path}: model.{key} = {str(text)[:80]!r} is not a plain layer list, and "
+                f"fairseq would eval() it; set trust_checkpoint: true only if you trust this file"
+            ) from None
+
+
+def read_checkpoint(path: Path, trust: bool) -> dict:
+    """The checkpoint's contents, read without running code (see load_torch_checkpoint)."""
+    with torch.serialization.safe_globals(safe_globals()):
+        state = load_torch_checkpoint(path, "fairseq encoder", trust)
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"fairseq encoder: {path} is not a fairseq checkpoint (no 'model' entry)")
+    if state.get("args") is None and state.get("cfg") is None:
+        raise UserError(f"fairseq encoder: {path} has neither 'args' nor 'cfg': not a fairseq training checkpoint")
+    return state
+
+
+def model_name(state: dict) -> str | None:
+    """The registered model or architecture name of a checkpoint (old files: args.arch)."""
+    if state.get("args") is not None:
+        arch = getattr(state["args"], "arch", None)
+        return "wav2vec" if arch == "audio_cpc" else arch  # renamed, see checkpoint_utils._upgrade_state_dict
+    model = state["cfg"].get("model") if hasattr(state["cfg"], "get") else None
+    if isinstance(model, argparse.Namespace):  # models configured by argparse (RoBERTa) keep a Namespace here
+        return getattr(model, "_name", None) or getattr(model, "arch", None)
+    return model.get("_name") if hasattr(model, "get") else None
+
+
+def build_fairseq_model(state: dict, path: Path, overrides: dict, trust: bool):
+    """(model, cfg, task): fairseq's own upgrade of the config, task set-up and strict weight loading."""
+    fairseq = import_fairseq()
+    from fairseq.dataclass.utils import overwrite_args_by_name
+    from omegaconf import OmegaConf
+
+    # What checkpoint_utils.load_checkpoint_to_cpu does after its own (unsafe) torch.load.
+    if state.get("args") is not None:
+        for name, value in overrides.items():
+            setattr(state["args"], name, value)
+    if state.get("cfg") is not None:
+        state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+        overwrite_args_by_name(state["cfg"], overrides)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hydra's deprecation notices when fairseq converts old args
+            state = fairseq.checkpoint_utils._upgrade_state_dict(state)
+    except (KeyError, AttributeError, TypeError) as e:
+        raise UserError(f"fairseq encoder: {path}: unreadable fairseq configuration ({e!r})") from None
+    check_code_free(state["cfg"], path, trust)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hydra again, and torch's weight_norm deprecation
+            models, cfg, task = fairseq.checkpoint_utils.load_model_ensemble_and_task(
+                [str(path)], arg_overrides=overrides, state=state, strict=True)
+    except RuntimeError as e:  # load_state_dict: missing / unexpected / mis-shaped keys
+        reason = " ".join(str(e).split())  # one line, as every UserError
+        raise UserError(f"fairseq encoder: {path}: the weights do not match the model: {reason[:400]}") from None
+    except FileNotFoundError as e:
+        raise UserError(f"fairseq encoder: {path}: the model needs a file that is not there: {e}") from None
+    return models[0], cfg, task
+
+
+def model_class(name: str | None, path):
+    from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+    from fairseq.models.hubert import HubertModel
+    from fairseq.models.roberta import RobertaModel
+    from fairseq.models.wav2vec import Wav2Vec2Model, Wav2VecModel
+
+    model_cls = ARCH_MODEL_REGISTRY.get(name) or MODEL_REGISTRY.get(name)
+    if model_cls is None or not issubclass(model_cls, (Wav2VecModel, Wav2Vec2Model, HubertModel, RobertaModel)):
+        raise UserError(
+            f"fairseq encoder: {path} holds a {name!r} model; supported: wav2vec, wav2vec2 and hubert "
+            f"(pre-trained, not fine-tuned CTC checkpoints) and roberta"
+        )
+    return model_cls
+
+
+@register("fairseq")
+class FairseqEncoder(HFEncoder):
+    """Reuses HFEncoder's windowing (encode, _spans, _window_input, _stitch, _forward); loading,
+    prepare and the padded forward are fairseq's."""
+
+    modality = ""  # audio or text, from the checkpoint
+
+    def __init__(
+        self,
+        path: str | None = None,  # audio: the .pt file; text: the folder with model.pt, dict.txt, encoder.json, vocab.bpe
+        modality: str | None = None,
+        layer: int | str = -1,
+        dtype: str = "float32",
+        device: str = "auto",
+        chunk_seconds: float = 30.0,
+        overlap_seconds: float = 1.0,
+        max_tokens: int | None = None,  # text window; None = the model's limit, at most 512
+        overlap: int | None = None,  # text window overlap; None = 64, or a quarter of a short window
+        trust_checkpoint: bool = False,
+    ):
+        if not path:
+            raise UserError("fairseq encoder: option 'path' is required (a checkpoint .pt file, or a RoBERTa folder)")
+        self.path = str(path)
+        given = Path(path).expanduser()
+        folder = given if given.is_dir() else given.parent
+        checkpoint = folder / "model.pt" if given.is_dir() else given
+        if not checkpoint.is_file():
+            raise UserError(
+                f"fairseq encoder: checkpoint {str(checkpoint)!r} not found. Nothing is downloaded at run time: "
+                f"put the fairseq checkpoint there (audio: e.g. wav2vec_large.pt, wav2vec_small.pt, "
+                f"hubert_base_ls960.pt; text: a folder with {', '.join(TEXT_FILES)}, e.g. roberta.large)"
+            )
+        if dtype not in AUTOCAST:
+            raise UserError(f"fairseq encoder: dtype must be one of {sorted(AUTOCAST)}, got {dtype!r}")
+        self.device = pick_device(device)
+        if dtype == "float16" and not self.device.startswith("cuda"):
+            raise UserError("fairseq encoder: dtype float16 needs a GPU (use bfloat16 on a CPU)")
+        self.dtype = dtype
+        self.checkpoint, self.folder = checkpoint, folder
+        self._weights_sha = None
+
+        import_fairseq()
+        from fairseq.models.roberta import RobertaModel
+
+        state = read_checkpoint(checkpoint, trust_checkpoint)
+        is_text = issubclass(model_class(model_name(state), checkpoint), RobertaModel)
+        overrides = {"data": str(folder)}  # RoBERTa's task reads dict.txt from its data folder
+        if is_text:
+            missing = [f for f in TEXT_FILES if not (folder / f).is_file()]
+            if missing:
+                raise UserError(f"fairseq encoder: RoBERTa folder {folder} lacks {', '.join(missing)} "
+                                f"(it needs {', '.join(TEXT_FILES)}: the GPT-2 BPE files come with fairseq's RoBERTa release)")
+        else:
+            overrides["label_dir"] = str(folder)  # HuBERT: dict.<label>.txt beside the checkpoint, if not in it
+        self.model, self.cfg, self.task = build_fairseq_model(state, checkpoint, overrides, trust_checkpoint)
+        self.model.eval().requires_grad_(False).to(self.device)
+        self.kind = type(self.model).__name__  # Wav2VecModel | Wav2Vec2Model | HubertModel | RobertaModel
+
+        self.modality = modality or ("text" if is_text else "audio")
+        if self.modality != ("text" if is_text else "audio"):
+            raise UserError(f"fairseq encoder: {checkpoint} holds a {self.kind}, which encodes "
+                            f"{'text' if is_text else 'audio'}, not {self.modality}")
+        if is_text:
+            self._init_text_model(max_tokens, overlap)
+        else:
+            self._init_audio_model(chunk_seconds, overlap_seconds)
+
+        n = self.n_layers
+        if self.kind == "Wav2VecModel":
+            if layer not in (-1, 0):
+                raise UserError(f"fairseq encoder: wav2vec 1.0 has one output (its context vectors); layer must be -1, got {layer!r}")
+            layer = -1
+        elif not (layer == "all" or (isinstance(layer, int) and -(n + 1) <= layer <= n)):
+            raise UserError(f"fairseq encoder: layer must be 'all' or an int in [-{n + 1}, {n}], got {layer!r}")
+        self.layer = layer
+        self.layers_out = n + 1 if layer == "all" else 1
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _init_text_model(self, max_tokens, overlap):
+        from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+
+        self.bpe = get_encoder(str(self.folder / "encoder.json"), str(self.folder / "vocab.bpe"))
+        self.dictionary = self.task.source_dictionary
+        self.prefix, self.suffix = [self.dictionary.bos()], [self.dictionary.eos()]  # <s> x </s>
+        self.n_special = 2
+        encoder = self.model.encoder.sentence_encoder
+        self.n_layers = len(encoder.layers)
+        self.dim = encoder.embed_tokens.embedding_dim
+        limit = self.model.max_positions()
+        if max_tokens is None:
+            max_tokens = min(512, limit)
+        if max_tokens > limit:
+            raise UserError(f"fairseq encoder: max_tokens={max_tokens} exceeds the model's limit of {limit} tokens")
+        if overlap is None:
+            overlap = min(64, (max_tokens - self.n_special) // 4)
+        if not 0 <= overlap < max_tokens - self.n_special:
+            raise UserError(f"fairseq encoder: overlap={overlap} must be >= 0 and < max_tokens minus special tokens")
+        self.max_tokens, self.overlap = max_tokens, overlap
+        self.fps = None
+        self.masked = True  # padding_idx tokens are masked out of attention, positions skip them
+
+    def _init_audio_model(self, chunk_seconds, overlap_seconds):
+        task_cfg = self.cfg.task
+        self.sample_rate = int(task_cfg.get("sample_rate", 16000))
+        self.normalize = bool(task_cfg.get("normalize", False))
+        convs = [m for m in self.model.feature_extractor.modules() if isinstance(m, torch.nn.Conv1d)]
+        self.kernels = [c.kernel_size[0] for c in convs]
+        self.strides = [c.stride[0] for c in convs]
+        self.hop = int(np.prod(self.strides))
+        self.fps = self.sample_rate / self.hop
+        if self.kind == "Wav2VecModel":
+            if self.model.vector_quantizer is not None:
+                raise UserError("fairseq encoder: vq-wav2vec checkpoints are not supported (use wav2vec or wav2vec 2.0)")
+            self.n_layers = 0
+            self.dim = self._probe_dim()
+            self.masked = False  # GroupNorm(1, C) over the whole time axis sees any padding
+        else:
+            if getattr(self.model, "crop_seq_to_multiple", 1) != 1:
+                raise UserError("fairseq encoder: models with crop_seq_to_multiple > 1 are not supported")
+            self.n_layers = len(self.model.encoder.layers)
+            self.dim = self.model.encoder.embedding_dim
+            # Only wav2vec 2.0 with a per-frame (layer norm) feature encoder takes a padding mask that
+            # matches the conv arithmetic; group norm sees the padding, and HuBERT marks a frame as
+            # padding only when all its samples are.
+            self.masked = self.kind == "Wav2Vec2Model" and self.cfg.model.get("extractor_mode") == "layer_norm"
+        self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
+        self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
+        if not 0 <= self.window_overlap < self.window:
+            raise UserError(f"fairseq encoder: need 0 <= overlap_seconds < chunk_seconds, got {overlap_seconds}, {chunk_seconds}")
+        self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
+
+    def _probe_dim(self) -> int:
+        with torch.inference_mode():
+            x = torch.zeros(1, max(self.kernels) * self.hop, device=self.device)
+            return int(self.model.feature_aggregator(self.model.feature_extractor(x)).shape[1])
+
+    # -- the Encoder interface -------------------------------------------------------------------
+
+    def weights_sha256(self) -> dict:
+        if self._weights_sha is None:
+            files = [self.folder / f for f in TEXT_FILES] if self.modality == "text" else [self.checkpoint]
+            self._weights_sha = {f.name: file_sha256(f) for f in files}
+        return self._weights_sha
+
+    def full_spec(self) -> dict:
+        spec = {
+            "backend": self.backend,
+            "path": self.path,
+            "checkpoint_sha256": self.weights_sha256(),
+            "model_type": self.kind,
+            "modality": self.modality,
+            "layer": self.layer,
+            "dtype": self.dtype,
+        }
+        if self.modality == "text":
+            spec.update(max_tokens=self.max_tokens, overlap=self.overlap)
+        else:
+            spec.update(sample_rate=self.sample_rate, normalize=self.normalize,
+                        chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds)
+        return spec
+
+    def prepare(self, utt: Utterance) -> np.ndarray:
+        """Text: dictionary ids of the GPT-2 BPE tokens, without <s> </s> (int64). Audio: the waveform
+        the model takes (float32; normalised over the whole utterance when the model was trained so)."""
+        if self.modality == "text":
+            text = (utt.text or "").strip()
+            if not text:
+                raise PrepareError("text", "empty transcript")
+            bpe = " ".join(map(str, self.bpe.encode(text)))  # what fairseq's GPT2BPE.encode gives
+            ids = self.dictionary.encode_line(bpe, append_eos=False, add_if_not_exist=False)
+            if len(ids) == 0:
+                raise PrepareError("text", f"transcript gives no tokens: {text[:50]!r}")
+            return ids.numpy().astype(np.int64)
+
+        path = utt.audio or utt.video
+        if not path:
+            raise PrepareError("decode", "utterance has no audio or video file")
+        wav = load_audio(path, self.sample_rate, utt.start, utt.end)
+        if conv_output_length(len(wav), self.kernels, self.strides) < 1:
+            raise PrepareError("audio", f"too short: {len(wav)} samples give no frame")
+        if self.normalize:  # as fairseq's RawAudioDataset.postprocess, before any chunking
+            with torch.no_grad():
+                x = torch.from_numpy(wav)
+                wav = torch.nn.functional.layer_norm(x, x.shape).numpy()
+        return np.ascontiguousarray(wav, dtype=np.float32)
+
+    # -- the forward -----------------------------------------------------------------------------
+
+    def _forward_padded(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        lengths = [len(x) for x in inputs]
+        n = max(lengths)
+        pad = self.dictionary.pad() if self.modality == "text" else 0.0
+        batch = np.full((len(inputs), n), pad, dtype=inputs[0].dtype)
+        for i, x in enumerate(inputs):
+            batch[i, : len(x)] = x
+        batch = torch.from_numpy(batch).to(self.device)
+
+        if AUTOCAST[self.dtype] is None:
+            precision = exact_float32(self.device)
+        else:
+            precision = torch.autocast(device_type=self.device.split(":")[0], dtype=AUTOCAST[self.dtype])
+        with torch.inference_mode(), precision:
+            if self.kind == "Wav2VecModel":  # as fairseq's examples/wav2vec/wav2vec_featurize.py
+                h = self.model.feature_aggregator(self.model.feature_extractor(batch)).transpose(1, 2)
+            else:
+                states = self._states(batch, lengths, n)
+                h = torch.stack(states, dim=2) if self.layer == "all" else states[self.layer]
+            h = h.float().cpu().numpy()
+
+        if self.modality == "text":
+            out_lengths = lengths
+        else:
+            out_lengths = [conv_output_length(m, self.kernels, self.strides) for m in lengths]
+        return [np.ascontiguousarray(h[i, :t]) for i, t in enumerate(out_lengths)]
+
+    def _states(self, batch, lengths, n) -> list[torch.Tensor]:
+        """The L + 1 hidden states (B, T, D): the transformer's input, each layer's output, the last
+        one being the model's own final output."""
+        if self.kind == "RobertaModel":
+            features, extra = self.model(batch, features_only=True, return_all_hiddens=True)
+            states = [s.transpose(0, 1) for s in extra["inner_states"]]
+            return states[:-1] + [features]
+
+        # wav2vec 2.0 / HuBERT do not return the transformer's input: read it, and each layer's
+        # output, off the layers with hooks while fairseq's own forward runs.
+        seen = []
+        layers = self.model.encoder.layers
+        hooks = [layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))]
+        hooks += [lay.register_forward_hook(lambda module, args, out: seen.append(out[0])) for lay in layers]
+        padding_mask = None
+        if min(lengths) < n:  # only ever for masked (layer-norm wav2vec 2.0) models
+            padding_mask = torch.arange(n, device=batch.device)[None, :] >= torch.tensor(lengths, device=batch.device)[:, None]
+        try:
+            if self.kind == "HubertModel":
+                final, _ = self.model.extract_features(batch, padding_mask=padding_mask, mask=False)
+            else:
+                final = self.model.extract_features(batch, padding_mask, mask=False)["x"]
+        finally:
+            for h in hooks:
+                h.remove()
+        t = final.shape[1]  # the encoder pads T to a multiple of required_seq_len_multiple inside
+        return [s.transpose(0, 1)[:, :t] for s in seen[:-1]] + [final]
+
