@@ -76,15 +76,17 @@ def extract(config, overrides, quiet):
 @config_arg
 @overrides_arg
 @click.option("--seeds", type=int, default=None, help="Number of seeds (overrides train.seeds).")
+@click.option("--folds", is_flag=True, help="Run every fold of a cross-validated protocol and pool the results.")
 @quiet_opt
-def train(config, overrides, seeds, quiet):
+def train(config, overrides, seeds, folds, quiet):
     """Train the fusion model on cached features; the run goes to <train.runs>/<train.name>/."""
     from emofuse.config import load_config
     from emofuse.fuse.evaluate import summary_line
     from emofuse.fuse.train import train as train_runs
+    from emofuse.fuse.train import train_folds
 
     cfg = load_config(config, list(overrides) + ([f"train.seeds={seeds}"] if seeds else []))
-    summary = train_runs(cfg, progress=not quiet)
+    summary = (train_folds if folds else train_runs)(cfg, progress=not quiet)
     click.echo(summary_line(summary))
 
 

@@ -31,3 +31,12 @@ def load_corpus(cfg, progress: bool = True) -> Corpus:
     if cfg.name in ("mosi", "mosei"):  # one reader for both CMU corpora
         options["name"] = cfg.name
     return module.load(root, protocol=cfg.protocol, **options)
+
+
+def corpus_folds(cfg) -> list:
+    """The folds of a cross-validated protocol (e.g. Emo-DB's test speakers, IEMOCAP's sessions)."""
+    module = importlib.import_module(f"emofuse.corpora.{READERS.get(cfg.name, cfg.name)}")
+    folds = module.folds(Path(cfg.root), cfg.protocol) if hasattr(module, "folds") else []
+    if not folds:
+        raise UserError(f"corpus {cfg.name!r} (protocol {cfg.protocol or 'default'}) has no folds; train without --folds")
+    return folds

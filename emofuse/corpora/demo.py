@@ -7,9 +7,13 @@ show the true class strongly; the others are *ambiguous*:
   - audio / video express a random class at low intensity (close to neutral),
   - text is a generic sentence shared by all classes ("We went to the office on Tuesday.").
 So one modality alone is right about P(clear) + P(ambiguous) / 4 ~ 60-65% of the time, while the
-three together nearly always contain a clear cue ("trust the clear one" needs a non-linear fusion).
+three together nearly always contain a clear cue: a fusion has to learn which modality to trust.
 The per-modality clarity is written to metadata.csv (clear_audio, clear_text, clear_video) for
 analysis; it is not a label.
+Measured on "full" (seeds 0 and 1; speaker-disjoint test; eGeMAPS / mean-pooled MiniLM / dlib
+landmarks + descriptor; logistic regression): audio 0.58 / 0.65, text 0.63 / 0.61, video 0.70 / 0.66;
+all three concatenated (gradient boosting or MLP) 0.97 / 0.97. On the samples where a modality is
+clear, it alone is right 0.91-1.00 of the time. dlib finds the face in 100% of the frames.
 
 How one sample is made (`_plan` draws the class, clarity, expressed classes, intensities and text of
 every sample up front from `seed`; `_render` turns one planned row into a WAV and an MP4 with its own

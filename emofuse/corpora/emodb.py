@@ -25,6 +25,12 @@ FEMALE = {"08", "09", "13", "14", "16"}  # from the corpus documentation; the ot
 NAME = re.compile(r"^(\d\d)([ab]\d\d)([WLEAFTN])([a-z])$")
 
 
+def folds(root: Path, protocol: str = "") -> list[str]:
+    """Every leave-one-speaker-out fold: the test speaker ids."""
+    wav_dir = Path(root) / "wav" if (Path(root) / "wav").is_dir() else Path(root)
+    return sorted({m.group(1) for p in wav_dir.glob("*.wav") if (m := NAME.match(p.stem))})
+
+
 def load(root: Path, protocol: str = "", fold="", **unknown) -> Corpus:
     if unknown:
         raise UserError(f"Emo-DB: unknown option(s) {', '.join(sorted(unknown))} (available: fold)")

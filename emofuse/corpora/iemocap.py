@@ -110,6 +110,11 @@ def face_side(utterance_id: str, rule: str) -> str | None:
     return "left" if is_lead == (rule == "lead-left") else "right"
 
 
+def folds(root: Path, protocol: str = "") -> list[int]:
+    """Leave-one-session-out: the test session of each fold (the paper protocol has a single split)."""
+    return [] if "paper" in protocol else list(SESSIONS)
+
+
 def load(root: Path, protocol: str = "", fold=None, merge_excited=None, dev_speaker: str = "",
          side_rule: str = "lead-left", media: str = "auto", keep_unlabelled=False, **unknown) -> Corpus:
     if unknown:

@@ -2,14 +2,15 @@
 
     client                                          each worker (one dask thread)
     ------                                          -----------------------------
-    lock the store (for the whole run)
     ask a worker for the encoder's full spec  --->  build the encoder once, keep it for later tasks
-    create / open the store, list pending ids
+    create / open the store, lock it for the
+    whole run, list pending ids
     cut them into chunks, one task each       --->  prepare + encode the chunk (pipeline's code),
                                                     write shard-w<k>-<seq>.h5 (no lock: the client holds it)
     append the failures each task returns     <---  encoded count + failures
     progress bar over completed tasks
 
+Every worker must see the cache folder at the same path (one machine, or a shared filesystem).
 Shard names never collide: chunk k writes only under the writer name `w<k>`, and a writer numbers its
 shards after the ones already there. Failures are appended by the client alone, so failures.jsonl
 has one writer, as in the local pipeline. Resume works the same: ids already in complete shards (or
@@ -18,7 +19,8 @@ already in complete shards, such as those its earlier attempt wrote.
 
 Each utterance goes through exactly the steps of the local pipeline (windows of WINDOW utterances,
 length buckets under the batch budget), so with the default chunk size (a multiple of WINDOW) the
-batches, and the numbers, are those of a single-process run.
+batches, and the numbers, are those of a single-process run (given the same torch thread count:
+with more threads a matrix product may sum in another order).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def extract_modality_distributed(client, utterances: list[Utterance], modality: 
     full_spec = described["spec"]
     store = FeatureStore.create(store_path(cache_dir, modality, full_spec), modality, full_spec, fingerprint(full_spec),
                                 dim=described["dim"], layers=described["layers"], fps=described["fps"])
+    store.close()
     result = ModalityResult(modality, str(store.path))
 
     with store.writer(CLIENT_WRITER) as lock_holder:  # the store's lock, for the whole run
@@ -161,12 +164,12 @@ _ENCODERS: dict = {}  # (modality, spec) -> Encoder, per worker process: built o
 
 
 def worker_encoder(modality: str, spec: dict, torch_threads: int | None):
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
     key = (modality, json.dumps(spec, sort_keys=True))
     if key not in _ENCODERS:
-        if torch_threads:
-            import torch
-
-            torch.set_num_threads(torch_threads)
         _ENCODERS[key] = build_encoder(modality, spec)
     return _ENCODERS[key]
 

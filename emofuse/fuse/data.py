@@ -111,13 +111,18 @@ class StoreFeatures(Mapping):
 class CachedData:
     """Everything a run needs from the cache: features per modality, labels, splits."""
 
-    def __init__(self, cache_dir: Path, encoders: dict[str, dict], modalities: list[str], preload_gb: float = 4.0):
+    def __init__(self, cache_dir: Path, encoders: dict[str, dict], modalities: list[str], preload_gb: float = 4.0,
+                 utterances: list[Utterance] | None = None, protocol: Protocol | None = None):
+        """Splits and labels come from `utterances`/`protocol` (the corpus reader: another protocol or
+        fold needs no re-extraction) or, when not given, from the index written at extraction."""
         self.cache_dir = Path(cache_dir)
-        utt_path = self.cache_dir / "utterances.jsonl"
-        if not utt_path.exists():
-            raise UserError(f"{utt_path} not found; run `emofuse extract` for this corpus first")
-        self.utterances: list[Utterance] = read_utterances(utt_path)
-        self.protocol = load_protocol(self.cache_dir)
+        if utterances is None:
+            utt_path = self.cache_dir / "utterances.jsonl"
+            if not utt_path.exists():
+                raise UserError(f"{utt_path} not found; run `emofuse extract` for this corpus first")
+            utterances = read_utterances(utt_path)
+        self.utterances: list[Utterance] = utterances
+        self.protocol = protocol or load_protocol(self.cache_dir)
         self.modalities = modalities
         self.stores: dict[str, FeatureStore] = {}
         for m in modalities:

@@ -12,6 +12,7 @@ on the protocol's validation metric, seeds for everything random. A run folder h
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from emofuse import __version__
 from emofuse.config import Config, save_config
+from emofuse.corpora import corpus_folds, load_corpus
 from emofuse.errors import UserError
 from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches
 from emofuse.fuse.metrics import PRIMARY, is_better, task_metrics
@@ -42,11 +44,19 @@ def set_seed(seed: int) -> None:
 
 
 def load_data(cfg: Config, modalities: list[str] | None = None) -> CachedData:
-    """The cached features a config's model reads (modalities in canonical order)."""
+    """The cached features a config's model reads (modalities in canonical order). Splits and labels
+    come from the corpus reader with the config's protocol and fold; when the corpus is no longer on
+    disk, from the index the extraction wrote."""
     wanted = modalities or cfg.model.modalities
     modalities = [m for m in MODALITIES if m in wanted]
     cache_dir = Path(cfg.extract.cache) / cfg.corpus.name
-    return CachedData(cache_dir, cfg.extract.encoders, modalities, preload_gb=cfg.train.preload_gb)
+    utterances = protocol = None
+    if Path(cfg.corpus.root).exists():
+        corpus = load_corpus(cfg.corpus, progress=False)
+        utterances, protocol = corpus.utterances, corpus.protocol
+        cache_dir = Path(cfg.extract.cache) / corpus.name  # a manifest corpus may name itself
+    return CachedData(cache_dir, cfg.extract.encoders, modalities, preload_gb=cfg.train.preload_gb,
+                      utterances=utterances, protocol=protocol)
 
 
 def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
@@ -171,7 +181,12 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     train_seconds = time.perf_counter() - start
 
     model, normalizer = load_model(run_dir)
-    test = evaluate_split(model, data, test_ids, targets, normalizer, t.max_frames)
+    outputs = predict(model, data, test_ids, normalizer, t.max_frames)
+    y_true = np.array([targets[i] for i in test_ids])
+    y_pred = outputs_to_predictions(p.task, outputs)
+    test = task_metrics(p.task, y_true, y_pred, p.classes)
+    (run_dir / "predictions.json").write_text(json.dumps(
+        {"task": p.task, "classes": p.classes, "ids": test_ids, "y_true": y_true.tolist(), "y_pred": y_pred.tolist()}))
     result = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(log), "primary": primary,
               "dev": {primary: best}, "test": test, "train_seconds": train_seconds,
               "n": {"train": len(train_ids), "dev": len(dev_ids), "test": len(test_ids)},
@@ -245,5 +260,32 @@ def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None =
         log(f"seed {seed}: best epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
     summary = {"protocol": data.protocol.name, "task": data.protocol.task, "modalities": list(data.stores), "seeds": [r["seed"] for r in results],
                "test": summarize(results)}
+    (run_root / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_folds(cfg: Config, progress: bool = True, log=print) -> dict:
+    """Every fold of a cross-validated protocol (e.g. leave one speaker or session out), each with
+    every seed. Results are pooled the standard way: per seed, the test predictions of all folds
+    are concatenated and scored once; mean and std are then taken over seeds."""
+    folds = corpus_folds(cfg.corpus)
+    run_root = Path(cfg.train.runs) / cfg.train.name
+    run_root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_root / "config.yaml")
+    for fold in folds:
+        fold_cfg = copy.deepcopy(cfg)
+        fold_cfg.corpus.options = {**cfg.corpus.options, "fold": fold}
+        log(f"fold {fold} ({folds.index(fold) + 1}/{len(folds)})")
+        train(fold_cfg, progress=progress, log=log, run_root=run_root / f"fold-{fold}")
+    pooled = []
+    for k in range(cfg.train.seeds):
+        preds = [json.loads((run_root / f"fold-{f}" / f"seed-{cfg.train.seed + k}" / "predictions.json").read_text())
+                 for f in folds]
+        y_true = np.concatenate([p["y_true"] for p in preds])
+        y_pred = np.concatenate([p["y_pred"] for p in preds])
+        pooled.append({"test": task_metrics(preds[0]["task"], y_true, y_pred, preds[0]["classes"])})
+    summary = {"protocol": f"{cfg.corpus.name}-{cfg.corpus.protocol or 'default'}-{len(folds)}-folds-pooled",
+               "task": preds[0]["task"], "modalities": cfg.model.modalities, "folds": [str(f) for f in folds],
+               "seeds": [cfg.train.seed + k for k in range(cfg.train.seeds)], "test": summarize(pooled)}
     (run_root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

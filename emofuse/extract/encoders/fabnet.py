@@ -34,6 +34,7 @@ needs anything else is refused unless the user says it is trusted.
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from pathlib import Path
@@ -236,7 +237,9 @@ class FabNetEncoder(Encoder):
         self.dtype, self.batch_frames = dtype, int(batch_frames)
         self._sha = None
 
-        state = encoder_state_dict(load_torch_checkpoint(path, "fabnet encoder", trust_checkpoint), path)
+        # FAb-Net's training scripts save their argparse options ('opts') beside the weights.
+        checkpoint_data = load_torch_checkpoint(path, "fabnet encoder", trust_checkpoint, [argparse.Namespace])
+        state = encoder_state_dict(checkpoint_data, path)
         self.model = FabNet()
         self.model.load_state_dict(state, strict=True)
         self.model.eval().requires_grad_(False).to(self.device)

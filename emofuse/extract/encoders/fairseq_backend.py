@@ -80,10 +80,10 @@ def safe_globals() -> list:
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
 
-    mult = np._core.multiarray
-    numpy_globals = [mult.scalar, mult._reconstruct, np.ndarray, np.dtype,
-                     # files written with numpy 1.x name them numpy.core.*
-                     (mult.scalar, "numpy.core.multiarray.scalar"), (mult._reconstruct, "numpy.core.multiarray._reconstruct")]
+    mult = (np._core if hasattr(np, "_core") else np.core).multiarray
+    numpy_globals = [np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # files from numpy 1.x and 2.x
+        numpy_globals += [(mult.scalar, f"{module}.scalar"), (mult._reconstruct, f"{module}._reconstruct")]
     numpy_globals += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i4", "i8", "u1", "bool")]
     return [argparse.Namespace, Dictionary, DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode,
             BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode, typing.Any,
@@ -235,23 +235,24 @@ class FairseqEncoder(HFEncoder):
         from fairseq.models.roberta import RobertaModel
 
         state = read_checkpoint(checkpoint, trust_checkpoint)
-        is_text = issubclass(model_class(model_name(state), checkpoint), RobertaModel)
+        model_cls = model_class(model_name(state), checkpoint)
+        is_text = issubclass(model_cls, RobertaModel)
+        self.modality = modality or ("text" if is_text else "audio")
+        if self.modality != ("text" if is_text else "audio"):
+            raise UserError(f"fairseq encoder: {checkpoint} holds a {model_cls.__name__}, which encodes "
+                            f"{'text' if is_text else 'audio'}, not {self.modality}")
         overrides = {"data": str(folder)}  # RoBERTa's task reads dict.txt from its data folder
         if is_text:
             missing = [f for f in TEXT_FILES if not (folder / f).is_file()]
             if missing:
                 raise UserError(f"fairseq encoder: RoBERTa folder {folder} lacks {', '.join(missing)} "
-                                f"(it needs {', '.join(TEXT_FILES)}: the GPT-2 BPE files come with fairseq's RoBERTa release)")
+                                f"(it needs {', '.join(TEXT_FILES)}; the GPT-2 BPE files come with fairseq's "
+                                f"RoBERTa release)")
         else:
             overrides["label_dir"] = str(folder)  # HuBERT: dict.<label>.txt beside the checkpoint, if not in it
         self.model, self.cfg, self.task = build_fairseq_model(state, checkpoint, overrides, trust_checkpoint)
         self.model.eval().requires_grad_(False).to(self.device)
         self.kind = type(self.model).__name__  # Wav2VecModel | Wav2Vec2Model | HubertModel | RobertaModel
-
-        self.modality = modality or ("text" if is_text else "audio")
-        if self.modality != ("text" if is_text else "audio"):
-            raise UserError(f"fairseq encoder: {checkpoint} holds a {self.kind}, which encodes "
-                            f"{'text' if is_text else 'audio'}, not {self.modality}")
         if is_text:
             self._init_text_model(max_tokens, overlap)
         else:
@@ -260,7 +261,8 @@ class FairseqEncoder(HFEncoder):
         n = self.n_layers
         if self.kind == "Wav2VecModel":
             if layer not in (-1, 0):
-                raise UserError(f"fairseq encoder: wav2vec 1.0 has one output (its context vectors); layer must be -1, got {layer!r}")
+                raise UserError(f"fairseq encoder: wav2vec 1.0 has one output (its context vectors); "
+                                f"layer must be -1, got {layer!r}")
             layer = -1
         elif not (layer == "all" or (isinstance(layer, int) and -(n + 1) <= layer <= n)):
             raise UserError(f"fairseq encoder: layer must be 'all' or an int in [-{n + 1}, {n}], got {layer!r}")
@@ -319,7 +321,8 @@ class FairseqEncoder(HFEncoder):
         self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
         self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
         if not 0 <= self.window_overlap < self.window:
-            raise UserError(f"fairseq encoder: need 0 <= overlap_seconds < chunk_seconds, got {overlap_seconds}, {chunk_seconds}")
+            raise UserError(f"fairseq encoder: need 0 <= overlap_seconds < chunk_seconds, "
+                            f"got {overlap_seconds}, {chunk_seconds}")
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
 
     def _probe_dim(self) -> int:
@@ -422,7 +425,8 @@ class FairseqEncoder(HFEncoder):
         hooks += [lay.register_forward_hook(lambda module, args, out: seen.append(out[0])) for lay in layers]
         padding_mask = None
         if min(lengths) < n:  # only ever for masked (layer-norm wav2vec 2.0) models
-            padding_mask = torch.arange(n, device=batch.device)[None, :] >= torch.tensor(lengths, device=batch.device)[:, None]
+            ends = torch.tensor(lengths, device=batch.device)[:, None]
+            padding_mask = torch.arange(n, device=batch.device)[None, :] >= ends  # True on padding
         try:
             if self.kind == "HubertModel":
                 final, _ = self.model.extract_features(batch, padding_mask=padding_mask, mask=False)
