@@ -11,6 +11,7 @@ import soundfile as sf
 
 from emofuse.corpora import demo
 from emofuse.corpora.base import Corpus
+from emofuse.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +110,10 @@ def test_load_returns_the_corpus(small):
 
 
 def test_load_without_corpus_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="generate"):
+    with pytest.raises(UserError, match="generate"):
         demo.load(tmp_path)
 
 
 def test_unknown_size_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(UserError, match="size"):
         demo.generate(tmp_path, "huge", progress=False)

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from emofuse.corpora.base import Corpus, Protocol, Utterance
+from emofuse.errors import UserError
 
 CLASSES = ["neutral", "happy", "sad", "angry"]
 VERSION = 1  # bump when the generator changes, so an old corpus on disk is regenerated
@@ -443,7 +444,7 @@ def generate(root: Path, size: str = "small", seed: int = 0, progress: bool = Tr
     from tqdm import tqdm
 
     if size not in SIZES:
-        raise ValueError(f"demo corpus size must be one of {sorted(SIZES)}, got {size!r}")
+        raise UserError(f"demo corpus size must be one of {sorted(SIZES)}, got {size!r}")
     root = Path(root)
     stamp = {"version": VERSION, "size": size, "seed": int(seed)}
     done = root / "demo.json"
@@ -483,8 +484,8 @@ def load(root: Path) -> Corpus:
     root = Path(root).resolve()
     meta = root / "metadata.csv"
     if not meta.exists():
-        raise FileNotFoundError(f"{meta} not found: generate the demo corpus first (emofuse demo, or "
-                                f"emofuse.corpora.demo.generate('{root}'))")
+        raise UserError(f"{meta} not found: generate the demo corpus first (emofuse demo, or "
+                        f"emofuse.corpora.demo.generate('{root}'))")
     utterances = []
     with open(meta, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
