@@ -4,6 +4,7 @@ single-process pipeline, bit for bit; resumes; does no work the second time; res
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from emofuse.cache.store import CacheError, FeatureStore
 from emofuse.config import Config
@@ -55,6 +56,16 @@ def assert_same_store(a, b):
     assert FeatureStore.verify(a) == [] and FeatureStore.verify(b) == []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Bit-for-bit needs the same torch thread count here as in the workers (torch_threads=1 below):
+    # matrix products may sum in another order with more threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def client():
     with connect(None, n_workers=2) as c:
@@ -64,6 +75,7 @@ def client():
 def test_distributed_equals_local_and_resumes(tmp_path, client):
     corpus = make_corpus(tmp_path)
     quiet = dict(progress=False, log=lambda *a: None)
+    one = dict(quiet, torch_threads=1)
     encoders = {"audio": {"backend": "opensmile"}, "text": {"backend": "minilm"}}
     local = extract_corpus(config(tmp_path / "local", encoders), corpus, **quiet)
     assert [r.encoded for r in local] == [14, 14] and [r.failed for r in local] == [1, 1]
@@ -72,12 +84,12 @@ def test_distributed_equals_local_and_resumes(tmp_path, client):
     # windows are the local pipeline's, so its padded batches are too.
     half = Corpus(corpus.name, corpus.utterances[:6], corpus.protocol)
     audio_cfg = config(tmp_path / "dist", {"audio": encoders["audio"]})
-    first = extract_distributed(audio_cfg, half, client, chunk_size=4, **quiet)
+    first = extract_distributed(audio_cfg, half, client, chunk_size=4, **one)
     assert first[0].encoded == 6 and first[0].failed == 0
-    rest = extract_distributed(audio_cfg, corpus, client, chunk_size=4, **quiet)  # resume
+    rest = extract_distributed(audio_cfg, corpus, client, chunk_size=4, **one)  # resume
     assert rest[0].skipped == 6 and rest[0].encoded == 8 and rest[0].failed == 1
     assert rest[0].failure_reasons == local[0].failure_reasons
-    text = extract_distributed(config(tmp_path / "dist", {"text": encoders["text"]}), corpus, client, **quiet)
+    text = extract_distributed(config(tmp_path / "dist", {"text": encoders["text"]}), corpus, client, **one)
     assert text[0].encoded == 14 and text[0].failed == 1
 
     (dist_audio, dist_text), (local_audio, local_text) = stores(tmp_path / "dist"), stores(tmp_path / "local")
@@ -89,7 +101,7 @@ def test_distributed_equals_local_and_resumes(tmp_path, client):
     # A second run finds everything done: no task, no new shard, no new failure line.
     before = sorted(p.name for p in dist_audio.iterdir())
     failures = (dist_audio / "failures.jsonl").read_text()
-    again = extract_distributed(audio_cfg, corpus, client, chunk_size=4, **quiet)
+    again = extract_distributed(audio_cfg, corpus, client, chunk_size=4, **one)
     assert again[0].encoded == 0 and again[0].skipped == 15
     assert sorted(p.name for p in dist_audio.iterdir()) == before
     assert (dist_audio / "failures.jsonl").read_text() == failures

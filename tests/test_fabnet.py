@@ -5,6 +5,8 @@ The reference is the encoder written the way FAb-Net's models_multiview.py write
 in-place LeakyReLU, BatchNorm after convs 2-7), with random weights and running statistics.
 """
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +69,8 @@ def save_release(path, model, prefix="", drop_batches_tracked=("encoder.3.", "en
     state = {prefix + k: v for k, v in model.state_dict().items()
              if not (k.endswith("num_batches_tracked") and k.startswith(drop_batches_tracked))}
     classifier = nn.Sequential(nn.BatchNorm1d(256), nn.Linear(256, 8, bias=False))
-    torch.save({"state_dict_model": state, "state_dict": classifier.state_dict(), "epoch": 3}, path)
+    opts = argparse.Namespace(lr=1e-4, num_additional_ids=32, embedding_size=256)  # as FAb-Net's scripts save
+    torch.save({"state_dict_model": state, "state_dict": classifier.state_dict(), "epoch": 3, "opts": opts}, path)
     return str(path)
 
 

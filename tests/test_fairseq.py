@@ -12,7 +12,6 @@ checks that need no fairseq.
 """
 
 import json
-import logging
 import sys
 import warnings
 

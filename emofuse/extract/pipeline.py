@@ -73,7 +73,7 @@ def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: P
     modality = encoder.modality
     spec = encoder.full_spec()
     store = FeatureStore.create(store_path(cache_dir, modality, spec), modality, spec, fingerprint(spec),
-                                dim=encoder.dim, layers=getattr(encoder, "layers_out", 1), fps=encoder.fps)
+                                dim=encoder.dim, layers=encoder.layers_out, fps=encoder.fps)
     result = ModalityResult(modality, str(store.path))
     done = set(store.ids())
     if not retry_failures:

@@ -39,6 +39,7 @@ class Encoder:
     modality: str = ""  # audio | text | video
     dim: int = 0  # D of the output
     fps: float | None = None  # output frames per second of media; None for text tokens
+    layers_out: int = 1  # L of (T, L, D) outputs when every hidden state is kept (layer: all)
 
     def full_spec(self) -> dict:
         raise NotImplementedError

@@ -119,6 +119,7 @@ class HFEncoder(Encoder):
         if not (layer == "all" or (isinstance(layer, int) and -(n_layers + 1) <= layer <= n_layers)):
             raise UserError(f"hf encoder: layer must be 'all' or an int in [-{n_layers + 1}, {n_layers}], got {layer!r}")
         self.layer = layer
+        self.layers_out = n_layers + 1 if layer == "all" else 1  # embeddings + every block
         self.dim = self.config.hidden_size
         self.device = pick_device(device)
         self._weights_sha = None  # computed on first full_spec(): hashing a 1 GB file takes seconds
