@@ -56,16 +56,31 @@ def demo(out, size, seeds, quiet):
 @main.command()
 @config_arg
 @overrides_arg
+@click.option("--processes", type=int, default=0, help="Run on a local dask cluster of N worker processes.")
+@click.option("--scheduler", default=None, help="Run on an existing dask.distributed cluster (tcp://host:8786).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow pickled checkpoints that need full unpickling (runs code from the file: only for files you trust).")
 @quiet_opt
-def extract(config, overrides, quiet):
+def extract(config, overrides, processes, scheduler, trust_checkpoint, quiet):
     """Run each frozen encoder over the corpus once; write feature stores to the cache."""
     from emofuse.config import load_config
     from emofuse.corpora import load_corpus
     from emofuse.extract.pipeline import extract_corpus
 
     cfg = load_config(config, overrides)
+    if trust_checkpoint:  # only the backends that load pickled checkpoints know this option
+        for spec in cfg.extract.encoders.values():
+            if spec.get("backend") in ("fabnet", "fairseq"):
+                spec["trust_checkpoint"] = True
     corpus = load_corpus(cfg.corpus, progress=not quiet)
-    for r in extract_corpus(cfg, corpus, progress=not quiet):
+    if processes or scheduler:
+        from emofuse.extract.distributed import extract_distributed
+
+        results = extract_distributed(cfg, corpus, client_or_address=scheduler, n_workers=processes or 2,
+                                      progress=not quiet)
+    else:
+        results = extract_corpus(cfg, corpus, progress=not quiet)
+    for r in results:
         click.echo(f"{r.modality}: encoded {r.encoded}, skipped {r.skipped}, failed {r.failed} "
                    f"in {r.seconds:.1f}s -> {r.store}")
         for reason, n in sorted(r.failure_reasons.items()):
