@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from emofuse.errors import UserError
+from emofuse.fuse.model import Architecture
 
 
 @dataclass
@@ -43,20 +44,10 @@ class ExtractConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Architecture of the fusion model (see emofuse/fuse/model.py for what each knob does)."""
+class ModelConfig(Architecture):
+    """The fusion model (emofuse/fuse/model.py says what each knob does) and the modalities it reads."""
 
     modalities: list[str] = field(default_factory=lambda: ["audio", "text", "video"])
-    preset: str = "fast"  # paper: native widths | fast: project to `width`, pool frames in time
-    width: int = 128
-    self_layers: dict[str, int] = field(default_factory=lambda: {"audio": 2, "text": 0, "video": 2})
-    cross_layers: int = 2
-    heads: int = 4
-    ffn: int = 1024
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-    pool_stride: dict[str, int] = field(default_factory=lambda: {"audio": 1, "text": 1, "video": 1})
-    max_positions: int = 512
 
 
 @dataclass

@@ -40,11 +40,9 @@ CROSS_PAIRS = (
 
 
 @dataclass
-class FusionConfig:
-    modalities: list[str]  # subset of MODALITIES, in canonical order
-    input_dims: dict[str, int]  # D of each modality's cached features
-    num_layers_in: dict[str, int]  # L of each cache: 1 = (T, D); >1 = (T, L, D), learned softmax layer mix
-    num_outputs: int
+class Architecture:
+    """The knobs a user sets (the `model:` section of a config, see emofuse/config.py)."""
+
     preset: str = "fast"  # "paper": native widths; "fast": Linear projection of each modality to `width`
     width: int = 128  # model width of every modality in the fast preset
     self_layers: dict[str, int] = field(default_factory=lambda: {"audio": 2, "text": 0, "video": 2})
@@ -55,6 +53,16 @@ class FusionConfig:
     attn_dropout: float = 0.1
     pool_stride: dict[str, int] = field(default_factory=lambda: {"audio": 1, "text": 1, "video": 1})
     max_positions: int = 512  # learned positions, start token included; longer inputs are mean-pooled
+
+
+@dataclass(kw_only=True)
+class FusionConfig(Architecture):
+    """Architecture + what the data decides: modalities, their cached widths and layers, outputs."""
+
+    modalities: list[str]  # subset of MODALITIES, in canonical order
+    input_dims: dict[str, int]  # D of each modality's cached features
+    num_layers_in: dict[str, int]  # L of each cache: 1 = (T, D); >1 = (T, L, D), learned softmax layer mix
+    num_outputs: int
 
     def __post_init__(self):
         self.modalities = list(self.modalities)
