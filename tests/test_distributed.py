@@ -12,7 +12,7 @@ from emofuse.corpora.base import Corpus, Protocol, Utterance
 from emofuse.extract.distributed import connect, extract_distributed
 from emofuse.extract.pipeline import extract_corpus
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TEXTS = ["I am so happy today!", "This is terrible, I hate it.", "We went to the office on Tuesday.",
          "Leave me alone.", "What a wonderful surprise", "I don't know what to say"]
@@ -56,14 +56,6 @@ def assert_same_store(a, b):
     assert FeatureStore.verify(a) == [] and FeatureStore.verify(b) == []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Bit-for-bit needs the same torch thread count here as in the workers (torch_threads=1 below):
-    # matrix products may sum in another order with more threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,8 @@ MAXDIFFS = {}  # what each comparison measured, printed at the end (pytest -s)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def report_maxdiffs(one_thread):
     yield
-    torch.set_num_threads(n)
     if MAXDIFFS:
         print("\nmax abs differences vs fairseq:", {k: f"{v:.1e}" for k, v in sorted(MAXDIFFS.items())})
 
