@@ -27,6 +27,7 @@ FAST = [
     "extract.encoders.video.descriptor_every=3",
     "train.epochs=4",
     "train.patience=4",
+    "train.num_threads=1",
 ]
 
 
@@ -92,6 +93,12 @@ def test_train_and_evaluate(demo):
     assert report["protocol"] == "demo-4class" and 0.0 <= report["test"]["wa"]["mean"] <= 1.0
     assert (run / "confusion.png").stat().st_size > 1000
     assert "| wa |" in (run / "report.md").read_text()
+
+    cli("evaluate", run, "--ablation", "--quiet")
+    table = json.loads((run / "ablation.json").read_text())
+    assert list(table["rows"]) == ["A", "T", "V", "AT", "AV", "TV", "ATV"]
+    assert "| ATV |" in (run / "ablation.md").read_text()
+    assert (run / "ablation.png").stat().st_size > 1000
 
 
 def test_user_errors_are_one_line_exit_2(demo, tmp_path):

@@ -147,8 +147,28 @@ def ablation(run: Path, progress: bool = True, log=print) -> dict:
     (run / "ablation.json").write_text(json.dumps(table, indent=2))
     md = ablation_markdown(table)
     (run / "ablation.md").write_text(md)
+    plot_ablation(table, run / "ablation.png")
     log(md)
     return table
+
+
+def plot_ablation(table: dict, path: Path) -> None:
+    """One bar per modality subset: the protocol's first table metric, mean with std over seeds."""
+    metric = TABLE_METRICS[table["task"]][0]
+    rows = table["rows"]
+    names = list(rows)
+    scale = 1 if metric in ("mae", "corr") else 100
+    means = [scale * rows[n][metric]["mean"] for n in names]
+    stds = [scale * rows[n][metric]["std"] for n in names]
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(names), 3.5))
+    ax.bar(names, means, yerr=stds, capsize=4, color=["#9ecae1" if len(n) == 1 else "#3182bd" for n in names])
+    for x, m in enumerate(means):
+        ax.text(x, m, f"{m:.1f}" if scale == 100 else f"{m:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(metric + (" (%)" if scale == 100 else ""))
+    ax.set_title(f"{table['protocol']}: modality ablation, {table['seeds']} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def summary_line(summary: dict) -> str:
