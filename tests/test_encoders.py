@@ -448,3 +448,18 @@ def test_hf_errors(tiny, tmp_path):
     text = build_encoder("text", {"backend": "hf", "path": tiny["bert"]})
     with pytest.raises(PrepareError, match="empty transcript"):
         text.prepare(Utterance(id="e", text=" "))
+
+
+def test_face_side_picks_the_speakers_half(dlib_enc, tmp_path):
+    """IEMOCAP-style two-person frames: the face on the labelled side is the one encoded."""
+    from skimage import data
+
+    face = data.astronaut()[40:296, 96:352]
+    frames = np.stack([np.concatenate([face, np.zeros_like(face)], axis=1)] * 10)  # face on the left only
+    path = tmp_path / "two.mp4"
+    write_mp4(path, frames, fps=10)
+    left = dlib_enc.prepare(Utterance(id="l", video=str(path), labels={"face_side": "left"}))
+    assert len(left["landmarks"]) == 5
+    with pytest.raises(PrepareError) as e:  # the right half is empty: no face there
+        dlib_enc.prepare(Utterance(id="r", video=str(path), labels={"face_side": "right"}))
+    assert e.value.stage == "face"

@@ -185,3 +185,14 @@ def normalise_landmarks(points: np.ndarray) -> np.ndarray:
     left_eye, right_eye = points[36:42].mean(axis=0), points[42:48].mean(axis=0)
     scale = max(float(np.linalg.norm(right_eye - left_eye)), 1.0)
     return ((points - points.mean(axis=0)) / scale).reshape(-1).astype(np.float32)
+
+
+def speaker_half(frames: np.ndarray, side: str | None) -> np.ndarray:
+    """The half of two-person frames where the speaking actor sits (IEMOCAP records both actors side
+    by side; its reader sets labels["face_side"] by a documented, configurable rule). None: whole frame."""
+    if side is None:
+        return frames
+    if side not in ("left", "right"):
+        raise PrepareError("face", f"face_side must be 'left' or 'right', got {side!r}")
+    half = frames.shape[2] // 2
+    return frames[:, :, :half] if side == "left" else frames[:, :, half:]

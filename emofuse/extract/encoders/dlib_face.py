@@ -70,6 +70,7 @@ class DlibFaceEncoder(Encoder):
         if not utt.video:
             raise PrepareError("decode", "utterance has no video file")
         frames = load_video_frames(utt.video, self.fps, utt.start, utt.end, self.max_frames)
+        frames = faces.speaker_half(frames, utt.labels.get("face_side"))
         keep, boxes = faces.face_frames(frames, self.detector, self.upsample, self.max_gap)
         points, chips = [], []
         for i, box in zip(keep, boxes):

@@ -273,6 +273,7 @@ class FabNetEncoder(Encoder):
         if not utt.video:
             raise PrepareError("decode", "utterance has no video file")
         frames = load_video_frames(utt.video, self.fps, utt.start, utt.end, self.max_frames)
+        frames = faces.speaker_half(frames, utt.labels.get("face_side"))
         if self.crop == "none":
             return np.stack([resize(f, INPUT_SIZE) for f in frames])
         keep, boxes = faces.face_frames(frames, self.detector, self.upsample, self.max_gap)
