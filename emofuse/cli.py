@@ -142,6 +142,21 @@ def predict(run, media, text, transcript, audio, video, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else format_prediction(result))
 
 
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path), required=False)
+def encoders(config):
+    """List every encoder backend, whether it is installed, and (with CONFIG) whether its checkpoints are on disk."""
+    from emofuse.config import load_config
+    from emofuse.extract.encoders.base import backend_status
+
+    cfg = load_config(config) if config else None
+    for row in backend_status(cfg.extract.encoders if cfg else None):
+        state = "installed" if row["installed"] else "missing " + ", ".join(row["missing"])
+        click.echo(f"{row['backend']:<10} {row['modality']:<11} {state:<22} {row['what']}")
+        for c in row.get("configured", []):
+            click.echo(f"{'':<10} {c['modality']}: {c['file']} {'(present)' if c['present'] else '(NOT FOUND)'}")
+
+
 @main.group()
 def cache():
     """Inspect and check feature stores."""

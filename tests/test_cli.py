@@ -1,0 +1,29 @@
+from click.testing import CliRunner
+
+from emofuse.cli import main
+from emofuse.extract.encoders.base import backend_status
+
+
+def test_encoders_lists_backends_and_checkpoints(tmp_path):
+    ckpt = tmp_path / "fabnet.pth"
+    ckpt.write_bytes(b"x")
+    rows = backend_status({"video": {"backend": "fabnet", "checkpoint": str(ckpt)},
+                           "audio": {"backend": "hf", "path": str(tmp_path / "missing")}})
+    by = {r["backend"]: r for r in rows}
+    assert set(by) == {"opensmile", "minilm", "dlib", "hf", "fairseq", "fabnet"}
+    assert by["opensmile"]["installed"] and by["minilm"]["installed"] and by["dlib"]["installed"]
+    assert by["fabnet"]["configured"] == [{"modality": "video", "file": str(ckpt), "present": True}]
+    assert by["hf"]["configured"][0]["present"] is False
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"extract:\n  encoders:\n    audio: {{backend: hf, path: {tmp_path / 'missing'}}}\n")
+    out = CliRunner().invoke(main, ["encoders", str(config)])
+    assert out.exit_code == 0 and "(NOT FOUND)" in out.output and "opensmile" in out.output
+
+
+def test_help_and_unknown_corpus_error(tmp_path):
+    assert CliRunner().invoke(main, ["--help"]).exit_code == 0
+    config = tmp_path / "c.yaml"
+    config.write_text("corpus: {name: nosuch, root: .}\nextract: {encoders: {text: {backend: minilm}}}\n")
+    out = CliRunner().invoke(main, ["extract", str(config)])
+    assert out.exit_code == 2 and out.output.startswith("error: unknown corpus 'nosuch'")
