@@ -56,12 +56,13 @@ def demo(out, size, seeds, quiet):
 @main.command()
 @config_arg
 @overrides_arg
-@click.option("--processes", type=int, default=0, help="Run on a local dask cluster of N worker processes.")
+@click.option("--workers", "processes", type=int, default=0, help="Run on a local dask cluster of N worker processes.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N for the neural encoders (default: cuda when present).")
 @click.option("--scheduler", default=None, help="Run on an existing dask.distributed cluster (tcp://host:8786).")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow pickled checkpoints that need full unpickling (runs code from the file: only for files you trust).")
 @quiet_opt
-def extract(config, overrides, processes, scheduler, trust_checkpoint, quiet):
+def extract(config, overrides, processes, device, scheduler, trust_checkpoint, quiet):
     """Run each frozen encoder over the corpus once; write feature stores to the cache."""
     from emofuse.config import load_config
     from emofuse.corpora import load_corpus
@@ -72,6 +73,10 @@ def extract(config, overrides, processes, scheduler, trust_checkpoint, quiet):
         for spec in cfg.extract.encoders.values():
             if spec.get("backend") in ("fabnet", "fairseq"):
                 spec["trust_checkpoint"] = True
+    if device:  # the torch-based backends take a device option; opensmile and dlib run on the CPU
+        for spec in cfg.extract.encoders.values():
+            if spec.get("backend") in ("hf", "minilm", "fairseq", "fabnet"):
+                spec["device"] = device
     corpus = load_corpus(cfg.corpus, progress=not quiet)
     if processes or scheduler:
         from emofuse.extract.distributed import extract_distributed
