@@ -16,10 +16,12 @@ emofuse.fuse.train.fit, timed in two parts: data (collate, which reads HDF5) and
 
 Reported per configuration: samples/s over the measured steps (after warm-up steps), the epoch
 time over all 23,000 utterances extrapolated from them (said so: a whole epoch is not run), the
-fraction of step time spent waiting for data, peak RSS (ru_maxrss of the subprocess), and the
-FLOP limit: FLOPs of training steps (torch's flop counter on forward + backward of some of the
-measured batches) / the torch.matmul rate measured in this run. A short torch.profiler summary
-of the top operators says what limits each configuration.
+fraction of step time spent waiting for data, peak RSS (ru_maxrss) of the data path alone and of
+the whole training process, and the FLOP limit: FLOPs of forward + backward of every measured
+batch (torch's flop counter on a meta-device copy of the model: same shapes, no compute) / the
+torch.matmul rate measured in the same subprocess, at its thread count (each subprocess probes
+1 vs 2 threads just before it measures, see common.setup_threads). A short torch.profiler
+summary of the top operators of one step says what limits each configuration.
 The normaliser's statistics (one pass over the train split at the start of a run) are measured
 on a sample and extrapolated, listed apart.
 """
@@ -132,12 +134,12 @@ def worker(args) -> dict:
     from emofuse.fuse.model import MODALITIES, SSEFT, FusionConfig
 
     device = args.device
-    if device == "cpu":
-        torch.set_num_threads(int(args.threads))
+    if device == "cpu":  # `auto`: probed here, just before this configuration is measured
+        out_threads = common.setup_threads(args.threads)
     proc = psutil.Process()
     overrides = CONFIGS[args.worker]
     out = {"config": args.worker, "overrides": overrides, "batch_size": args.batch_size, "device": device,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "thread_choice": out_threads if device == "cpu" else None}
 
     t0 = time.perf_counter()
     modalities = [m for m in MODALITIES if m in DIMS]
@@ -274,6 +276,9 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         out["flops_counted_on"] = f"{len(counted)} measured batches (meta device failed: {type(e).__name__})"
     out["flops_per_sample"] = flops / n_counted
+    # the matmul rate at this process's own thread count, right after its steps
+    dtype = "bfloat16" if args.bf16 else "float32"
+    out["matmul_flops_per_s"] = common.matmul_rate(dtype, device, seconds=0.5 if args.quick_worker else 2.0)["flops_per_s"]
 
     if args.profile and device == "cpu":  # one real step of a measured batch under torch.profiler
         with torch.profiler.profile() as prof:
@@ -298,6 +303,8 @@ def run_worker(name: str, args, cache: Path, threads: int) -> dict:
            "--flop-batches", "1" if args.quick else str(FLOP_BATCHES[name])]
     if args.bf16:
         cmd.append("--bf16")
+    if args.quick:
+        cmd.append("--quick-worker")
     if not args.quick:
         cmd.append("--profile")
     common.log(f"[training] {name}: subprocess")
@@ -327,6 +334,7 @@ def main(argv=None) -> dict:
     p.add_argument("--norm-sample", type=int, default=500, help=argparse_hidden())
     p.add_argument("--profile", action="store_true", help=argparse_hidden())
     p.add_argument("--flop-batches", type=int, default=2, help=argparse_hidden())
+    p.add_argument("--quick-worker", action="store_true", help=argparse_hidden())
     args = p.parse_args(argv)
 
     if args.worker:
@@ -359,7 +367,7 @@ def main(argv=None) -> dict:
         files = [f for m in DIMS for f in (cache / f"{m}-bench").glob("shard-*.h5")]
         for name in names:
             resident = common.cached_fraction(files)
-            r = run_worker(name, args, cache, threads["threads"])
+            r = run_worker(name, args, cache, args.threads if args.device == "cpu" else threads["threads"])
             r["store_resident_before"] = resident
             rows.append(r)
             if "error" not in r:
@@ -371,7 +379,7 @@ def main(argv=None) -> dict:
     for r in rows:
         if "error" in r:
             continue
-        r["flop_limit_samples_per_s"] = rates[dtype] / r["flops_per_sample"]
+        r["flop_limit_samples_per_s"] = r.get("matmul_flops_per_s", rates[dtype]) / r["flops_per_sample"]
         r["fraction_of_limit"] = r["samples_per_s"] / r["flop_limit_samples_per_s"]
         r["flop_limit_epoch_seconds"] = r["epoch_utterances"] / r["flop_limit_samples_per_s"]
     targets = {"rss_limit_bytes": 2 * 2**30, "fast_epoch_limit_seconds": 120.0}
@@ -388,23 +396,23 @@ def main(argv=None) -> dict:
             "cache": cache_stats, "targets": targets, "rows": rows}
     path = common.write_result(NAME + ("_" + args.device if args.device != "cpu" else ""), data, args.out)
 
-    headers = ["config", "params", "steps", "samples/s", "epoch (extrap.)", "FLOP limit epoch", "of limit",
+    headers = ["config", "threads", "params", "steps", "samples/s", "epoch (extrap.)", "FLOP limit epoch", "of limit",
                "data wait", "RSS data path", "RSS training", "RSS<2GB", "epoch<2min"]
     t = []
     for r in rows:
         if "error" in r:
-            t.append([r["config"], "ERROR: " + r["error"]] + [None] * (len(headers) - 2))
+            t.append([r["config"], None, "ERROR: " + r["error"]] + [None] * (len(headers) - 3))
             continue
-        t.append([r["config"], f"{r['parameters'] / 1e6:.1f}M", r["steps"], r["samples_per_s"],
+        t.append([r["config"], r["threads"], f"{r['parameters'] / 1e6:.1f}M", r["steps"], r["samples_per_s"],
                   _dur(r["epoch_seconds_extrapolated"]), _dur(r["flop_limit_epoch_seconds"]),
                   f"{100 * r['fraction_of_limit']:.0f}%", f"{100 * r['data_wait_fraction']:.1f}%",
                   f"{r['data_only']['rss_peak'] / 2**30:.2f} GiB", f"{r['rss_peak'] / 2**30:.2f} GiB",
                   ("met" if r["met_rss"] else "data path only" if r["met_rss_data_only"] else "MISSED"),
                   ("met" if r["met_epoch"] else "MISSED") if "met_epoch" in r else "-"])
     cs = cache_stats
-    title = (f"Training ({args.device}, {threads['threads']} thread(s), {dtype}, batch {args.batch_size}; "
+    title = (f"Training ({args.device}, {dtype}, batch {args.batch_size}; "
              f"MOSEI-sized cache: {cs['utterances']:,} utterances, {cs['bytes'] / 1e9:.1f} GB, lazy HDF5 reads; "
-             f"matmul {rates[dtype] / 1e9:.0f} GFLOP/s){' [QUICK: not a measurement]' if args.quick else ''}")
+             f"FLOP limit: each process's own matmul rate){' [QUICK: not a measurement]' if args.quick else ''}")
     print(common.table(t, headers, title))
     print("epoch times are extrapolated from the measured steps (samples/s), not a full epoch run; "
           "normaliser pass (once per run, extrapolated): "
