@@ -47,7 +47,7 @@ from emofuse.corpora.base import Utterance
 from emofuse.errors import PrepareError, UserError
 from emofuse.extract import faces
 from emofuse.extract.encoders.base import Encoder, file_sha256, register
-from emofuse.extract.encoders.hf import exact_float32, pick_device
+from emofuse.extract.encoders.hf import pick_device, precision
 from emofuse.extract.media import load_video_frames
 
 INPUT_SIZE = 256  # eight stride-2 convolutions take 256 x 256 down to 1 x 1
@@ -298,9 +298,5 @@ class FabNetEncoder(Encoder):
         """(B, 256, 256, 3) uint8 -> (B, 256) float32."""
         x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div(255.0)
-        if AUTOCAST[self.dtype] is None:
-            precision = exact_float32(self.device)
-        else:
-            precision = torch.autocast(device_type=self.device.split(":")[0], dtype=AUTOCAST[self.dtype])
-        with torch.inference_mode(), precision:
+        with torch.inference_mode(), precision(AUTOCAST[self.dtype], self.device):
             return self.model(x).float().cpu().numpy()

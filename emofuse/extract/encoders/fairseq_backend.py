@@ -42,7 +42,7 @@ from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import file_sha256, register
 from emofuse.extract.encoders.chunking import conv_output_length
 from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
-from emofuse.extract.encoders.hf import HFEncoder, exact_float32, pick_device
+from emofuse.extract.encoders.hf import HFEncoder, pick_device, precision
 from emofuse.extract.media import load_audio
 
 INSTALL_HINT = "pip install emofuse[fairseq] (see README)"
@@ -391,23 +391,14 @@ class FairseqEncoder(HFEncoder):
             batch[i, : len(x)] = x
         batch = torch.from_numpy(batch).to(self.device)
 
-        if AUTOCAST[self.dtype] is None:
-            precision = exact_float32(self.device)
-        else:
-            precision = torch.autocast(device_type=self.device.split(":")[0], dtype=AUTOCAST[self.dtype])
-        with torch.inference_mode(), precision:
+        with torch.inference_mode(), precision(AUTOCAST[self.dtype], self.device):
             if self.kind == "Wav2VecModel":  # as fairseq's examples/wav2vec/wav2vec_featurize.py
                 h = self.model.feature_aggregator(self.model.feature_extractor(batch)).transpose(1, 2)
             else:
                 states = self._states(batch, lengths, n)
                 h = torch.stack(states, dim=2) if self.layer == "all" else states[self.layer]
             h = h.float().cpu().numpy()
-
-        if self.modality == "text":
-            out_lengths = lengths
-        else:
-            out_lengths = [conv_output_length(m, self.kernels, self.strides) for m in lengths]
-        return [np.ascontiguousarray(h[i, :t]) for i, t in enumerate(out_lengths)]
+        return self._unpad(h, lengths)
 
     def _states(self, batch, lengths, n) -> list[torch.Tensor]:
         """The L + 1 hidden states (B, T, D): the transformer's input, each layer's output, the last

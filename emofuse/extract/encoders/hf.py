@@ -76,6 +76,13 @@ def exact_float32(device: str):
         torch.set_float32_matmul_precision(previous)
 
 
+def precision(autocast_dtype, device: str):
+    """The numeric context of a frozen forward: exact float32, or autocast to a lower precision."""
+    if autocast_dtype is None:
+        return exact_float32(device)
+    return torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype)
+
+
 @register("hf")
 class HFEncoder(Encoder):
     modality = ""  # audio or text: set per instance from the option or the model's config
@@ -301,11 +308,7 @@ class HFEncoder(Encoder):
         if self.masked:
             kwargs["attention_mask"] = torch.from_numpy(mask).to(self.device)
 
-        if DTYPES[self.dtype] is None:
-            precision = exact_float32(self.device)
-        else:
-            precision = torch.autocast(device_type=self.device.split(":")[0], dtype=DTYPES[self.dtype])
-        with torch.inference_mode(), precision:
+        with torch.inference_mode(), precision(DTYPES[self.dtype], self.device):
             out = self.model(**kwargs, output_hidden_states=True)
             hidden = list(out.hidden_states)
             # Pre-LN models (wav2vec2-large-lv60, WavLM, ...) apply a final LayerNorm that
@@ -314,9 +317,10 @@ class HFEncoder(Encoder):
                 hidden[-1] = out.last_hidden_state
             h = torch.stack(hidden, dim=2) if self.layer == "all" else hidden[self.layer]
             h = h.float().cpu().numpy()
+        return self._unpad(h, lengths)
 
-        if self.modality == "text":
-            out_lengths = lengths
-        else:
-            out_lengths = [conv_output_length(m, self.kernels, self.strides) for m in lengths]
-        return [np.ascontiguousarray(h[i, :t]) for i, t in enumerate(out_lengths)]
+    def _unpad(self, h: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+        """Each input's own frames of a padded batch output (B, T, ...); audio frames follow the convs."""
+        if self.modality == "audio":
+            lengths = [conv_output_length(m, self.kernels, self.strides) for m in lengths]
+        return [np.ascontiguousarray(h[i, :t]) for i, t in enumerate(lengths)]
