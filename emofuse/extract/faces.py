@@ -101,7 +101,8 @@ def detect_faces(frame: np.ndarray, detector: str = "dlib", upsample: int = 0) -
     """Every face box in one RGB frame (H, W, 3) uint8. upsample > 0 finds smaller faces, slower."""
     h, w = frame.shape[:2]
     if detector == "dlib":
-        rects = _dlib_detector()(frame, upsample)
+        # dlib misreads strided arrays (a face is missed about half the time): always pass a contiguous one.
+        rects = _dlib_detector()(np.ascontiguousarray(frame), upsample)
         boxes = [(r.left(), r.top(), r.right() + 1, r.bottom() + 1) for r in rects]
     elif detector == "haar":
         import cv2
@@ -164,7 +165,7 @@ def landmarks(frame: np.ndarray, box: Box):
     """dlib's 68-point shape (a full_object_detection) of the face in `box`."""
     import dlib
 
-    return shape_predictor()(frame, dlib.rectangle(box[0], box[1], box[2] - 1, box[3] - 1))
+    return shape_predictor()(np.ascontiguousarray(frame), dlib.rectangle(box[0], box[1], box[2] - 1, box[3] - 1))
 
 
 def landmark_array(shape) -> np.ndarray:
@@ -195,4 +196,6 @@ def speaker_half(frames: np.ndarray, side: str | None) -> np.ndarray:
     if side not in ("left", "right"):
         raise PrepareError("face", f"face_side must be 'left' or 'right', got {side!r}")
     half = frames.shape[2] // 2
-    return frames[:, :, :half] if side == "left" else frames[:, :, half:]
+    # A copy, not a view: dlib reads a strided (non-contiguous) array wrongly about half the time
+    # (no face found in a frame that has one), so everything given to dlib must be contiguous.
+    return np.ascontiguousarray(frames[:, :, :half] if side == "left" else frames[:, :, half:])
