@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from emofuse.cache.store import FeatureStore
 from emofuse.cli import main
@@ -170,3 +172,32 @@ def test_predict_one_clip_and_refuse_other_settings(demo):
         assert refused.exit_code == 2 and "fps: 3.0 vs 4.0" in refused.output, refused.output
     finally:
         config.write_text(original)
+
+
+def test_train_resume_after_sigkill(demo):
+    """SIGKILL `emofuse train` mid-run, then `train --resume RUN`: the same weights and test metrics
+    as an uninterrupted run with the same seed (bit-exact on the CPU)."""
+    root, _ = demo
+    args = [*overrides(root), "train.epochs=8", "train.patience=8"]
+    cli("train", "configs/demo.yaml", *args, "train.name=whole", "--quiet")
+
+    cmd = [sys.executable, "-m", "emofuse.cli", "train", "configs/demo.yaml", *args, "train.name=killed", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = root / "runs" / "killed" / "seed-0" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed: " + proc.stdout.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "runs" / "killed" / "seed-0" / "result.json").exists()
+
+    out = cli("train", "--resume", root / "runs" / "killed", "--quiet")
+    assert "demo-4class test (1 seed(s))" in out
+    whole, killed = (json.loads((root / "runs" / n / "summary.json").read_text()) for n in ("whole", "killed"))
+    assert killed["test"] == whole["test"]
+    a, b = (load_file(root / "runs" / n / "seed-0" / "model.safetensors") for n in ("whole", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((root / "runs" / "killed" / "seed-0").glob("*.tmp"))

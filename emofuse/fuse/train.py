@@ -8,6 +8,11 @@ on the protocol's validation metric, seeds for everything random. A run folder h
     seed-<s>/model.safetensors    best weights;  model.json: FusionConfig, classes, stores' fingerprints
     seed-<s>/normalizer.safetensors  train-split feature statistics, reused by evaluate and predict
     seed-<s>/metrics.jsonl        one line per epoch;  run.json: git commit, package versions, timings
+    seed-<s>/curves.png           training loss and validation metric per epoch
+    seed-<s>/resume.safetensors   the state after the last finished epoch (weights, optimizer,
+                                  scheduler, every RNG); `train --resume RUN` continues from it
+                                  and reaches the same numbers as an uninterrupted run. Removed
+                                  once the seed is done (result.json written).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -117,8 +123,9 @@ def evaluate_split(model, data, ids, targets, normalizer, max_frames, **kw) -> d
     return task_metrics(p.task, y_true, y_pred, p.classes)
 
 
-def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool = True) -> dict:
-    """Train one seed; save the best model to run_dir; return its validation and test metrics."""
+def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool = True, resume: bool = False) -> dict:
+    """Train one seed; save the best model to run_dir; return its validation and test metrics.
+    resume: continue from run_dir/resume.safetensors when it is there."""
     t = cfg.train
     set_seed(seed)
     if t.num_threads:
@@ -146,10 +153,15 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     lengths = {i: data.length(i) for i in train_ids}
     primary = PRIMARY[p.task]
 
-    best, best_epoch, log = None, -1, []
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    best, best_epoch, log, stopped = None, -1, [], False
+    if resume and (run_dir / RESUME_FILE).exists():
+        best, best_epoch, log, stopped = load_resume(run_dir, model, opt, sched, rng, gen)
+    # metrics.jsonl holds exactly the finished epochs (a kill may have left one more line)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     start = time.perf_counter()
-    bar = tqdm(range(t.epochs), desc=f"train seed {seed}", unit="epoch", disable=not progress)
+    first = len(log)
+    bar = tqdm(range(first, t.epochs if not stopped else first), desc=f"train seed {seed}", unit="epoch",
+               initial=first, total=t.epochs, disable=not progress)
     for epoch in bar:
         model.train()
         losses = []
@@ -174,11 +186,14 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         if best is None or is_better(primary, dev[primary], best):
             best, best_epoch = dev[primary], epoch
             save_model(model, normalizer, run_dir, data, cfg, seed)
+        stopped = epoch - best_epoch >= t.patience
+        save_resume(run_dir, model, opt, sched, rng, gen, best, best_epoch, log, stopped)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{f"dev_{primary}": f"{dev[primary]:.3f}"})
-        if epoch - best_epoch >= t.patience:
+        if stopped:
             break
     bar.close()
     train_seconds = time.perf_counter() - start
+    plot_curves(log, primary, run_dir / "curves.png", f"seed {seed}")
 
     model, normalizer = load_model(run_dir)
     outputs = predict(model, data, test_ids, normalizer, t.max_frames)
@@ -191,20 +206,98 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
               "dev": {primary: best}, "test": test, "train_seconds": train_seconds,
               "n": {"train": len(train_ids), "dev": len(dev_ids), "test": len(test_ids)},
               "parameters": model.count_parameters(), "protocol": p.name}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     write_provenance(run_dir, data)
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))  # marks the seed done
+    (run_dir / RESUME_FILE).unlink(missing_ok=True)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming: one safetensors file per seed, written whole after every epoch
+
+RESUME_FILE = "resume.safetensors"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def save_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generator, gen: torch.Generator,
+                best, best_epoch: int, log: list[dict], stopped: bool) -> None:
+    """Everything the loop needs to go on exactly where it was: tensors in the file, the rest
+    (scheduler, numpy RNG, epoch log) as JSON in its metadata. Written to .tmp, then renamed."""
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, state in opt_state["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()  # dropout inside the model
+    tensors["rng.modality_dropout"] = gen.get_state()
+    meta = {"best": best, "best_epoch": best_epoch, "log": log, "stopped": stopped,
+            "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict(),
+            "numpy": rng.bit_generator.state}  # batch order
+    tmp = run_dir / (RESUME_FILE + ".tmp")
+    save_file(tensors, tmp, metadata={"state": json.dumps(meta)})
+    tmp.replace(run_dir / RESUME_FILE)
+
+
+def load_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generator, gen: torch.Generator):
+    """Restore what save_resume wrote, in place; returns best, best_epoch, log, stopped."""
+    path = run_dir / RESUME_FILE
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+    rng.bit_generator.state = meta["numpy"]
+    gen.set_state(tensors["rng.modality_dropout"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta["best"], meta["best_epoch"], meta["log"], meta["stopped"]
+
+
+def plot_curves(log: list[dict], primary: str, path: Path, title: str) -> None:
+    """Training loss and the validation metric early stopping watches, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log:
+        return
+    epochs = [r["epoch"] for r in log]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
+    ax1.plot(epochs, [r["train_loss"] for r in log], marker=".")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss")
+    ax2.plot(epochs, [r["dev"].get(primary, float("nan")) for r in log], marker=".", color="tab:orange")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel(f"validation {primary}")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def save_model(model: SSEFT, normalizer: Normalizer | None, run_dir: Path, data: CachedData, cfg: Config,
                seed: int) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
+    # Each file written whole, then renamed: a kill never leaves half a model.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run_dir / "model.safetensors.tmp")
+    (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
     if normalizer is not None:
-        save_file(normalizer.state(), run_dir / "normalizer.safetensors")
+        save_file(normalizer.state(), run_dir / "normalizer.safetensors.tmp")
+        (run_dir / "normalizer.safetensors.tmp").replace(run_dir / "normalizer.safetensors")
     meta = {"fusion": model.cfg.to_dict(), "protocol": asdict(data.protocol), "seed": seed,
             "max_frames": cfg.train.max_frames, "fingerprints": data.fingerprints(),
             "encoders": {m: data.stores[m].spec for m in data.stores}}
-    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(run_dir / "model.json", json.dumps(meta, indent=2))
 
 
 def load_model(run_dir: Path) -> tuple[SSEFT, Normalizer | None]:
@@ -246,8 +339,9 @@ def summarize(results: list[dict]) -> dict:
 
 
 def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None = None,
-          data: CachedData | None = None) -> dict:
-    """Every seed of a config; writes runs/<name>/ and returns the summary."""
+          data: CachedData | None = None, resume: bool = False) -> dict:
+    """Every seed of a config; writes runs/<name>/ and returns the summary.
+    resume: keep the seeds that finished, continue the one that was interrupted."""
     run_root = Path(run_root or Path(cfg.train.runs) / cfg.train.name)
     run_root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_root / "config.yaml")
@@ -255,7 +349,11 @@ def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None =
     results = []
     for k in range(cfg.train.seeds):
         seed = cfg.train.seed + k
-        results.append(fit(cfg, data, run_root / f"seed-{seed}", seed, progress=progress))
+        done = run_root / f"seed-{seed}" / "result.json"
+        if resume and done.exists():
+            results.append(json.loads(done.read_text()))
+        else:
+            results.append(fit(cfg, data, run_root / f"seed-{seed}", seed, progress=progress, resume=resume))
         r = results[-1]
         log(f"seed {seed}: best epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
     summary = {"protocol": data.protocol.name, "task": data.protocol.task, "modalities": list(data.stores), "seeds": [r["seed"] for r in results],
@@ -264,7 +362,25 @@ def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None =
     return summary
 
 
-def train_folds(cfg: Config, progress: bool = True, log=print) -> dict:
+FOLDS_FILE = "folds.json"
+
+
+def resume_run(run: Path, progress: bool = True, log=print) -> dict:
+    """Continue an interrupted `emofuse train` from its run folder, with the config it saved."""
+    from emofuse.config import load_config
+
+    run = Path(run)
+    if not (run / "config.yaml").exists():
+        raise UserError(f"{run}: not a run folder (no config.yaml); nothing to resume")
+    cfg = load_config(run / "config.yaml")
+    # The run folder is where it is now, whatever train.runs said when it started.
+    cfg.train.runs, cfg.train.name = str(run.parent), run.name
+    if (run / FOLDS_FILE).exists():
+        return train_folds(cfg, progress=progress, log=log, resume=True)
+    return train(cfg, progress=progress, log=log, resume=True)
+
+
+def train_folds(cfg: Config, progress: bool = True, log=print, resume: bool = False) -> dict:
     """Every fold of a cross-validated protocol (e.g. leave one speaker or session out), each with
     every seed. Results are pooled the standard way: per seed, the test predictions of all folds
     are concatenated and scored once; mean and std are then taken over seeds."""
@@ -272,11 +388,12 @@ def train_folds(cfg: Config, progress: bool = True, log=print) -> dict:
     run_root = Path(cfg.train.runs) / cfg.train.name
     run_root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_root / "config.yaml")
+    (run_root / FOLDS_FILE).write_text(json.dumps([str(f) for f in folds]))  # tells --resume it is a folds run
     for fold in folds:
         fold_cfg = copy.deepcopy(cfg)
         fold_cfg.corpus.options = {**cfg.corpus.options, "fold": fold}
         log(f"fold {fold} ({folds.index(fold) + 1}/{len(folds)})")
-        train(fold_cfg, progress=progress, log=log, run_root=run_root / f"fold-{fold}")
+        train(fold_cfg, progress=progress, log=log, run_root=run_root / f"fold-{fold}", resume=resume)
     pooled = []
     for k in range(cfg.train.seeds):
         preds = [json.loads((run_root / f"fold-{f}" / f"seed-{cfg.train.seed + k}" / "predictions.json").read_text())

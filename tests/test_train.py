@@ -1,0 +1,93 @@
+"""The training loop on a small generated cache: resume after an interruption is exact, the run
+folder holds what it promises (curves, no leftover resume state)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from emofuse.cache.store import FeatureStore
+from emofuse.config import load_config
+from emofuse.corpora.base import Protocol, Utterance, write_utterances
+from emofuse.extract.encoders.base import fingerprint
+from emofuse.fuse import train as train_mod
+from emofuse.fuse.train import RESUME_FILE, resume_run, train
+
+
+@pytest.fixture()
+def toy_run(tmp_path):
+    """A 3-class toy corpus of 60 utterances whose audio and text features carry the label
+    (weakly), and a config that trains the fast preset on it with dropout everywhere random."""
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+    utts = [Utterance(id=f"u{i:02d}", speaker=f"s{i % 5}", split=["train", "train", "train", "dev", "test"][i % 5],
+                      labels={"emotion": classes[i % 3]}) for i in range(60)]
+    cache = tmp_path / "cache" / "toy"
+    cache.mkdir(parents=True)
+    write_utterances(utts, cache / "utterances.jsonl")
+    (cache / "protocol.json").write_text(json.dumps(vars(Protocol("toy-3class", "emotion", classes=classes))))
+    for m, dim in (("audio", 6), ("text", 4)):
+        spec = {"backend": f"toy-{m}", "dim": dim}
+        store = FeatureStore.create(cache / f"{m}-toy", m, spec, fingerprint(spec), dim=dim)
+        with store.writer() as w:
+            for i, u in enumerate(utts):
+                x = rng.standard_normal((int(rng.integers(3, 10)), dim)).astype(np.float32)
+                x[:, i % 3] += 1.0
+                w.add(u.id, x)
+        store.close()
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(f"""
+corpus: {{name: toy, root: {tmp_path / 'no-corpus-here'}}}
+extract: {{cache: {tmp_path / 'cache'}, encoders: {{audio: {{backend: toy-audio}}, text: {{backend: toy-text}}}}}}
+model: {{modalities: [audio, text], preset: fast, width: 16, heads: 2, ffn: 32, dropout: 0.2,
+        self_layers: {{audio: 1, text: 1}}, cross_layers: 1}}
+train: {{runs: {tmp_path / 'runs'}, name: full, epochs: 6, patience: 6, batch_size: 8, lr: 0.003,
+        modality_dropout: 0.3, num_threads: 1}}
+""")
+    return cfg
+
+
+def test_interrupted_training_resumes_exactly(toy_run, monkeypatch):
+    cfg = load_config(toy_run)
+    full = train(cfg, progress=False, log=lambda *_: None)
+    full_dir = Path(cfg.train.runs) / "full" / "seed-0"
+
+    # The same training, interrupted right after its third epoch was saved (as a kill would leave it).
+    cfg.train.name = "cut"
+    real_save = train_mod.save_resume
+    calls = []
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_resume", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(train_mod, "save_resume", real_save)
+    cut_dir = Path(cfg.train.runs) / "cut" / "seed-0"
+    assert len(open(cut_dir / "metrics.jsonl").readlines()) == 3
+    with open(cut_dir / "metrics.jsonl", "a") as f:  # a kill can land after the log line, before the checkpoint
+        f.write('{"epoch": 3, "partial": true}\n')
+
+    resumed = resume_run(cfg.train.runs + "/cut", progress=False, log=lambda *_: None)
+    assert resumed["test"] == full["test"]
+    a, b = load_file(full_dir / "model.safetensors"), load_file(cut_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-exact on the CPU
+    full_log = [json.loads(line) for line in open(full_dir / "metrics.jsonl")]
+    cut_log = [json.loads(line) for line in open(cut_dir / "metrics.jsonl")]
+    assert cut_log == full_log and len(cut_log) == 6
+    assert not (cut_dir / RESUME_FILE).exists()  # the seed is done: no resume state left
+    assert (cut_dir / "curves.png").stat().st_size > 1000
+
+
+def test_resume_of_a_finished_run_does_no_training(toy_run, monkeypatch):
+    cfg = load_config(toy_run)
+    first = train(cfg, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("a finished seed was trained again"))
+    again = resume_run(cfg.train.runs + "/full", progress=False, log=lambda *_: None)
+    assert again["test"] == first["test"]
