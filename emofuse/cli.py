@@ -122,14 +122,17 @@ def train(config, overrides, seeds, folds, resume, quiet):
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--ablation", is_flag=True, help="Also train and test every modality subset (A, T, V, AT, AV, TV, ATV).")
+@click.option("--robustness", is_flag=True, help="Also test with each modality dropped or corrupted by Gaussian noise.")
 @quiet_opt
-def evaluate(run, ablation, quiet):
+def evaluate(run, ablation, robustness, quiet):
     """Test a trained run: report.json, report.md, confusion.png in the run folder."""
     from emofuse.fuse import evaluate as ev
 
     ev.evaluate_run(run, log=click.echo)
     if ablation:
         ev.ablation(run, progress=not quiet, log=click.echo)
+    if robustness:
+        ev.robustness(run, log=click.echo)
 
 
 @main.command()

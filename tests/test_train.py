@@ -91,3 +91,23 @@ def test_resume_of_a_finished_run_does_no_training(toy_run, monkeypatch):
     monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("a finished seed was trained again"))
     again = resume_run(cfg.train.runs + "/full", progress=False, log=lambda *_: None)
     assert again["test"] == first["test"]
+
+
+def test_robustness_table_and_plot(toy_run):
+    from emofuse.fuse.evaluate import evaluate_run, robustness
+
+    cfg = load_config(toy_run)
+    cfg.train.seeds = 2
+    train(cfg, progress=False, log=lambda *_: None)
+    run = Path(cfg.train.runs) / "full"
+    report = evaluate_run(run, log=lambda *_: None)
+    table = robustness(run, levels=(0.0, 1.0, 50.0), log=lambda *_: None)
+    assert table["metric"] == "wa" and table["seeds"] == 2 and set(table["rows"]) == {"audio", "text"}
+    assert table["clean"] == report["test"]["wa"]  # clean = what evaluate reports
+    for row in table["rows"].values():
+        assert row["noise"]["0"] == table["clean"]  # zero noise changes nothing
+        assert row["noise"]["50"] != table["clean"]  # drowning a modality in noise changes the answers
+    assert robustness(run, levels=(0.0, 1.0, 50.0), log=lambda *_: None) == table  # the same noise every time
+    assert (run / "robustness.png").stat().st_size > 1000
+    md = (run / "robustness.md").read_text()
+    assert "| A |" in md and "| T |" in md and "noise 50" in md

@@ -2,7 +2,9 @@
 
     evaluate_run(run)  -> report.json, report.md, confusion.png in the run folder
     ablation(run)      -> trains and tests every modality subset (A, T, V, AT, AV, TV, ATV) with the
-                          run's config and seeds -> ablation.json, ablation.md
+                          run's config and seeds -> ablation.json, ablation.md, ablation.png
+    robustness(run)    -> the run's models tested with each modality dropped, or corrupted with
+                          Gaussian noise at several levels -> robustness.json, .md, .png
 """
 
 from __future__ import annotations
@@ -187,3 +189,91 @@ def ablation_markdown(table: dict) -> str:
         cells = [f"{fmt(k, summary[k]['mean'])} +- {fmt(k, summary[k]['std'])}" for k in metrics if k in summary]
         lines.append(f"| {letters} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: the trained models, tested with one modality missing or noisy
+
+# Noise standard deviations in units of each feature dimension's train-split std (features are
+# standardised with those statistics before the model sees them; see train.normalize).
+NOISE_LEVELS = (0.25, 0.5, 1.0, 2.0)
+
+
+def robustness(run: Path, levels: tuple[float, ...] = NOISE_LEVELS, log=print) -> dict:
+    """The table metric on the test split as each modality is dropped (its features hidden, as if
+    never extracted) or corrupted with Gaussian noise, mean and std over the run's seeds. The
+    noise is drawn from a fixed seed per model seed, so the table is reproducible."""
+    run = Path(run)
+    cfg = load_run_config(run)
+    data = load_data(cfg)
+    p = data.protocol
+    targets = data.targets()
+    test_ids = [i for i in data.split_ids(p.test_split) if i in targets]
+    y_true = np.array([targets[i] for i in test_ids])
+    metric = TABLE_METRICS[p.task][0]
+    modalities = list(data.stores)
+    conditions = {"clean": ({}, {})}
+    for m in modalities:
+        conditions[f"{m}/dropped"] = ({m: False}, {})
+        for s in levels:
+            conditions[f"{m}/noise {s:g}"] = ({}, {m: s})
+    scores = {c: [] for c in conditions}
+    for k, d in enumerate(seed_dirs(run)):
+        check_fingerprints(d, data)
+        model, normalizer = load_model(d)
+        for c, (present, noise) in conditions.items():
+            outputs = predict(model, data, test_ids, normalizer, cfg.train.max_frames,
+                              present_override=present, noise_std=noise, noise_seed=k)
+            scores[c].append(task_metrics(p.task, y_true, outputs_to_predictions(p.task, outputs), p.classes)[metric])
+
+    def stat(values):
+        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+    table = {"protocol": p.name, "task": p.task, "metric": metric, "seeds": len(scores["clean"]),
+             "levels": list(levels), "clean": stat(scores["clean"]),
+             "rows": {m: {"dropped": stat(scores[f"{m}/dropped"]),
+                          "noise": {f"{s:g}": stat(scores[f"{m}/noise {s:g}"]) for s in levels}}
+                      for m in modalities}}
+    (run / "robustness.json").write_text(json.dumps(table, indent=2))
+    md = robustness_markdown(table)
+    (run / "robustness.md").write_text(md)
+    plot_robustness(table, run / "robustness.png")
+    log(md)
+    return table
+
+
+def robustness_markdown(table: dict) -> str:
+    metric, levels = table["metric"], table["levels"]
+
+    def cell(v):
+        return f"{fmt(metric, v['mean'])} +- {fmt(metric, v['std'])}"
+
+    lines = [f"Robustness, test split, {metric}, mean +- std over {table['seeds']} seed(s); "
+             f"noise in units of each feature's train-split std", "",
+             "| modality | clean | dropped | " + " | ".join(f"noise {s:g}" for s in levels) + " |",
+             "|---" * (3 + len(levels)) + "|"]
+    for m, row in table["rows"].items():
+        cells = [cell(table["clean"]), cell(row["dropped"])] + [cell(row["noise"][f"{s:g}"]) for s in levels]
+        lines.append(f"| {LETTER[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_robustness(table: dict, path: Path) -> None:
+    """Metric against noise level, one line per corrupted modality; dashed: that modality dropped."""
+    metric = table["metric"]
+    scale = 1 if metric in ("mae", "corr") else 100
+    xs = [0.0] + list(table["levels"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for k, (m, row) in enumerate(table["rows"].items()):
+        color = f"C{k}"
+        ys = [table["clean"]["mean"]] + [row["noise"][f"{s:g}"]["mean"] for s in table["levels"]]
+        ax.plot(xs, [scale * y for y in ys], marker="o", color=color, label=f"{LETTER[m]} + noise")
+        ax.axhline(scale * row["dropped"]["mean"], color=color, linestyle="--", linewidth=1,
+                   label=f"{LETTER[m]} dropped")
+    ax.set_xlabel("noise std (units of feature std)")
+    ax.set_ylabel(metric + (" (%)" if scale == 100 else ""))
+    ax.set_title(f"{table['protocol']}: robustness, {table['seeds']} seed(s)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -94,10 +94,14 @@ def drop_modalities(present: torch.Tensor, rate: float, gen: torch.Generator) ->
 
 @torch.no_grad()
 def predict(model: SSEFT, data: CachedData, ids: list[str], normalizer: Normalizer | None,
-            max_frames: int, batch_size: int = 64, present_override: dict[str, bool] | None = None) -> np.ndarray:
-    """Model outputs for `ids` in their given order. Deterministic: no random crops at test time."""
+            max_frames: int, batch_size: int = 64, present_override: dict[str, bool] | None = None,
+            noise_std: dict[str, float] | None = None, noise_seed: int = 0) -> np.ndarray:
+    """Model outputs for `ids` in their given order. Deterministic: no random crops at test time.
+    present_override {m: False} hides a modality; noise_std {m: s} adds Gaussian noise of standard
+    deviation s to its (normalised) features, the same noise for the same noise_seed."""
     model.eval()
     lengths = {i: data.length(i) for i in ids}
+    gen = torch.Generator().manual_seed(noise_seed)
     out = {}
     for batch in make_batches(ids, lengths, batch_size, shuffle=False):
         feats, masks, present = collate(batch, data.features, data.frame_shapes(), normalizer, max_frames)
@@ -105,6 +109,10 @@ def predict(model: SSEFT, data: CachedData, ids: list[str], normalizer: Normaliz
             for j, m in enumerate(data.stores):
                 if not present_override.get(m, True):
                     present[:, j] = False
+        for m, std in (noise_std or {}).items():
+            noise = std * torch.randn(feats[m].shape, generator=gen)
+            mask = masks[m].reshape(*masks[m].shape, *[1] * (feats[m].dim() - 2))
+            feats[m] = feats[m] + noise * mask  # padding stays zero
         logits = model(feats, masks, present)
         for uid, row in zip(batch, logits.float().numpy()):
             out[uid] = row
