@@ -1,6 +1,7 @@
 """`emofuse demo`: the whole job on a generated corpus, as a recipe that reads like a script.
 
     generate corpus -> extract (audio, text, video) -> train ATV -> evaluate -> modality ablation
+    -> predict one test clip from its MP4 and transcript, as a user would on a new video
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from emofuse.corpora import load_corpus
 from emofuse.errors import UserError
 from emofuse.extract.pipeline import extract_corpus
 from emofuse.fuse.evaluate import ablation, evaluate_run
+from emofuse.fuse.predict import format_prediction, predict_media
 from emofuse.fuse.train import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -61,5 +63,11 @@ def run_demo(out: Path, size: str = "full", seeds: int | None = None, progress: 
         gain = 100 * (rows["ATV"]["wa"]["mean"] - singles[best])
         log(f"ATV accuracy {100 * rows['ATV']['wa']['mean']:.1f} vs best single modality {best} "
             f"{100 * singles[best]:.1f}: {gain:+.1f} points")
-    log(f"reports in {run}: report.md, confusion.png, ablation.md")
-    return {"timings": timings, "ablation": table}
+    # One new clip, the way a user predicts: the MP4 (video + speech) and its transcript.
+    clip = next(u for u in corpus.utterances if u.split == corpus.protocol.test_split)
+    log(f"\n$ emofuse predict {run} {clip.video} --text {clip.text!r}")
+    prediction = predict_media(run, clip.video, text=clip.text)
+    log(format_prediction(prediction))
+    log(f"true label: {clip.labels[corpus.protocol.label]}")
+    log(f"reports in {run}: report.md, confusion.png, ablation.md, ablation.png")
+    return {"timings": timings, "ablation": table, "prediction": prediction}

@@ -154,12 +154,18 @@ def test_predict_one_clip_and_refuse_other_settings(demo):
     if not (run / "seed-0" / "model.json").exists():
         cli("train", "configs/demo.yaml", *overrides(root), "--quiet")
     clip = sorted((root / "data" / "video").glob("*.mp4"))[0]
-    out = cli("predict", run, clip, "--audio", str(clip).replace("video", "audio").replace(".mp4", ".wav"),
-              "--text", "I am so happy about this!", "--json")
-    result = json.loads(out)
+    # the demo's MP4 carries the speech too: one file gives audio and video
+    result = json.loads(cli("predict", run, clip, "--text", "I am so happy about this!", "--json"))
     assert set(result["used"]) == {"audio", "text", "video"} and not result["missing"]
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-5
     assert result["prediction"] in result["probabilities"]
+    # predict extracts exactly as the cache did: on test clips it answers what evaluation answered
+    preds = json.loads((run / "seed-0" / "predictions.json").read_text())
+    texts = {u["id"]: u["text"] for u in map(json.loads, open(root / "cache" / "demo" / "utterances.jsonl"))}
+    for uid, y_pred in list(zip(preds["ids"], preds["y_pred"]))[:3]:
+        out = cli("predict", run, root / "data" / "video" / f"{uid}.mp4", "--audio", root / "data" / "audio" / f"{uid}.wav",
+                  "--text", texts[uid], "--json")
+        assert json.loads(out)["prediction"] == preds["classes"][y_pred], uid
     # text only: still predicts, and says what is missing
     result = json.loads(cli("predict", run, "--text", "We went to the office on Tuesday.", "--json"))
     assert result["used"] == ["text"] and set(result["missing"]) == {"audio", "video"}

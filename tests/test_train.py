@@ -111,3 +111,17 @@ def test_robustness_table_and_plot(toy_run):
     assert (run / "robustness.png").stat().st_size > 1000
     md = (run / "robustness.md").read_text()
     assert "| A |" in md and "| T |" in md and "noise 50" in md
+
+
+def test_ablation_table_shows_the_papers_numbers_beside_ours():
+    from emofuse.fuse.evaluate import ablation_markdown
+
+    row = {k: {"mean": 0.5, "std": 0.01} for k in ("mae", "corr", "acc7", "acc2_has0", "acc2_non0", "f1_non0")}
+    md = ablation_markdown({"protocol": "mosi-sentiment-regression", "task": "regression", "seeds": 5,
+                            "rows": {"T": row, "ATV": row}})
+    paper = md.strip().splitlines()[-1]
+    assert paper.startswith("| SSE-FT paper, ATV")
+    assert paper.split("|")[2:-1] == [" 0.776 ", " 0.768 ", " 46.5 ", " - ", " 83.9 ", " 83.5 "]
+    other = ablation_markdown({"protocol": "demo-4class", "task": "classification", "seeds": 1,
+                               "rows": {"ATV": {k: {"mean": 0.9, "std": 0.0} for k in ("wa", "ua", "weighted_f1")}}})
+    assert "paper" not in other

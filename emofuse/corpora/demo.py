@@ -350,7 +350,9 @@ def render_video(rng: np.random.Generator, duration: float, cls: str, intensity:
     return frames
 
 
-def write_mp4(path: Path, frames: list[np.ndarray]) -> None:
+def write_mp4(path: Path, frames: list[np.ndarray], wav: np.ndarray | None = None) -> None:
+    """H.264 video and, when given, the clip's speech as an AAC track: one file carries both, as
+    the clips of MELD or a user's own recording do (`emofuse predict RUN clip.mp4` reads both)."""
     import av
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
@@ -360,9 +362,20 @@ def write_mp4(path: Path, frames: list[np.ndarray]) -> None:
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "veryfast"}
         stream.codec_context.thread_count = 1  # small frames: threads cost more than they give
+        if wav is not None:  # every stream is added before the first packet is written
+            audio = container.add_stream("aac", rate=SR)
+            audio.layout = "mono"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush
+        if wav is not None:
+            block = 1024  # AAC frame size
+            for i in range(0, len(wav), block):
+                chunk = np.ascontiguousarray(wav[i : i + block], dtype=np.float32)[None]
+                frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+                frame.sample_rate, frame.pts = SR, i
+                container.mux(audio.encode(frame))
+            container.mux(audio.encode())
 
 
 # ------------------------------------------------------------------------------------- the plan
@@ -426,7 +439,7 @@ def _render(root: Path, row: dict, speaker: dict, seed: int, index: int) -> None
     wav, syllables = synth_audio(rng, row["duration"], row["audio_class"], row["audio_intensity"], speaker)
     sf.write(root / "audio" / f"{row['id']}.wav", wav, SR, subtype="PCM_16")
     frames = render_video(rng, row["duration"], row["video_class"], row["video_intensity"], speaker, syllables)
-    write_mp4(root / "video" / f"{row['id']}.mp4", frames)
+    write_mp4(root / "video" / f"{row['id']}.mp4", frames, wav)
 
 
 # -------------------------------------------------------------------------------------- public
