@@ -284,6 +284,16 @@ def test_mosei_csd_emotions_transcripts_and_words(tmp_path):
     assert t0.text == "so good" and t0.split == "test"  # words inside the interval, pauses left out
     assert (t0.audio, t0.start, t0.end) == (str(full_wav.resolve()), 0.0, 2.0)
 
+    # The six emotions as a multi-label protocol: an emotion is present when its intensity is > 0.
+    e = cmu.load(root, protocol="emotions-multilabel", name="mosei")
+    assert e.protocol.name == "mosei-emotions-multilabel" and e.protocol.task == "multilabel"
+    assert e.protocol.classes == ["happy", "sad", "anger", "surprise", "disgust", "fear"]
+    by_id = {u.id: u for u in e.utterances}
+    assert by_id[f"{train[0]}_4"].labels["emotions"] == ["happy", "surprise"]
+    assert by_id[f"{train[0]}_5"].labels["emotions"] == ["sad", "anger"]
+    with pytest.raises(UserError, match="emotions-multilabel"):
+        cmu.load(root, protocol="emotions-regression", name="mosei")
+
 
 def test_cmu_errors(tmp_path):
     with pytest.raises(UserError, match="label.csv"):
@@ -395,6 +405,17 @@ def test_iemocap_paper_protocol_keeps_validation_apart_from_test(iemocap_root):
     assert len(c.split("test")) == 2 * 5
     with pytest.raises(UserError, match="paper"):
         iemocap.load(iemocap_root, protocol="paper", fold=5)
+
+
+def test_iemocap_binary_heads_protocol(iemocap_root):
+    """The paper's objective: one binary head per emotion, on the same utterances and splits."""
+    single, binary = iemocap.load(iemocap_root, protocol="paper"), iemocap.load(iemocap_root, protocol="4class-binary-paper")
+    assert binary.protocol.name == "iemocap-4class-exc2hap-binary-paper" and binary.protocol.task == "multilabel"
+    assert binary.protocol.classes == single.protocol.classes == ["neutral", "happy", "sad", "angry"]
+    assert [(u.id, u.split) for u in binary.utterances] == [(u.id, u.split) for u in single.utterances]
+    assert iemocap.load(iemocap_root, protocol="binary", fold=2).protocol.name == "iemocap-4class-exc2hap-binary-fold2"
+    with pytest.raises(UserError, match="binary"):
+        iemocap.load(iemocap_root, protocol="4class-bin")
 
 
 def test_iemocap_6class_and_merge_option(iemocap_root):

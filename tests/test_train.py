@@ -125,3 +125,33 @@ def test_ablation_table_shows_the_papers_numbers_beside_ours():
     other = ablation_markdown({"protocol": "demo-4class", "task": "classification", "seeds": 1,
                                "rows": {"ATV": {k: {"mean": 0.9, "std": 0.0} for k in ("wa", "ua", "weighted_f1")}}})
     assert "paper" not in other
+
+
+def test_multilabel_heads_train_and_report(toy_run, tmp_path):
+    """One 2-way head per class (IEMOCAP as the paper trained it; MOSEI's emotions): the same toy
+    data as a multilabel protocol trains, and the report has per-emotion accuracy and F1."""
+    from emofuse.fuse.evaluate import evaluate_run, summary_line
+    from emofuse.fuse.predict import format_prediction
+    from emofuse.fuse.train import outputs_to_predictions
+
+    cache = tmp_path / "cache" / "toy"
+    proto = json.loads((cache / "protocol.json").read_text())
+    proto.update(name="toy-3class-binary", task="multilabel")
+    (cache / "protocol.json").write_text(json.dumps(proto))
+    cfg = load_config(toy_run)
+    cfg.train.epochs = cfg.train.patience = 20
+    summary = train(cfg, progress=False, log=lambda *_: None)
+    assert summary["task"] == "multilabel"
+    test = summary["test"]
+    assert {"mean_acc", "mean_f1", "acc_a", "f1_a", "acc_c", "f1_c"} <= set(test)
+    assert abs(test["mean_acc"]["mean"] - np.mean([test[f"acc_{c}"]["mean"] for c in "abc"])) < 1e-9
+    assert test["mean_acc"]["mean"] > 0.7  # the labels are in the features: the heads learn them
+    assert "acc_b" in summary_line(summary)
+    report = evaluate_run(Path(cfg.train.runs) / "full", log=lambda *_: None)
+    assert report["test"]["mean_f1"] == test["mean_f1"]
+    # head e says yes when its second logit is larger
+    out = np.array([[0.0, 1.0, 2.0, -1.0, 0.5, 0.4]])
+    assert outputs_to_predictions("multilabel", out).tolist() == [[1, 0, 0]]
+    line = format_prediction({"prediction": [], "probabilities": {"a": 0.2}, "protocol": "p", "seeds": 1,
+                              "used": ["audio"], "missing": {}})
+    assert "none of the emotions" in line

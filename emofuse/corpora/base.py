@@ -31,7 +31,10 @@ class Protocol:
 
     name: str  # e.g. "demo-4class", written into every report
     label: str  # key into Utterance.labels
-    task: str = "classification"  # classification | regression
+    # classification: the label is one class name. regression: a number. multilabel: one binary
+    # head per class; the label is a class name (one-hot: IEMOCAP's four binary heads) or a list
+    # of the class names present (CMU-MOSEI's emotions).
+    task: str = "classification"  # classification | regression | multilabel
     classes: list[str] = field(default_factory=list)
     train_split: str = "train"
     dev_split: str = "dev"

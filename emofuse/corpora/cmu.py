@@ -58,8 +58,10 @@ def load(root: Path, protocol: str = "", name: str = "mosi", labels: str = "", s
     if name not in LABEL_CSD:
         raise UserError(f"CMU reader: name must be mosi or mosei, got {name!r}")
     accepted = {"", "sentiment", "regression", "sentiment-regression", f"{name}-sentiment-regression"}
-    if protocol not in accepted:
-        raise UserError(f"{name}: unknown protocol {protocol!r} (available: sentiment-regression)")
+    emotions = name == "mosei" and protocol in ("emotions", "emotions-multilabel", "mosei-emotions-multilabel")
+    if protocol not in accepted and not emotions:
+        available = "sentiment-regression" + (", emotions-multilabel" if name == "mosei" else "")
+        raise UserError(f"{name}: unknown protocol {protocol!r} (available: {available})")
     if splits not in ("standard", "csv"):
         raise UserError(f"{name}: splits must be 'standard' or 'csv', got {splits!r}")
     root = Path(root)
@@ -87,6 +89,14 @@ def load(root: Path, protocol: str = "", name: str = "mosi", labels: str = "", s
         utterances.append(Utterance(
             id=f"{video}_{seg}", speaker=video, dialogue=video, text=s["text"], audio=audio, video=video_file,
             start=start, end=end, split=split, labels=s["labels"]))
+    if emotions:
+        # The six emotion intensities in [0, 3]; the usual multi-label reading: present when > 0.
+        for u in utterances:
+            if all(e in u.labels for e in MOSEI_DIMS[1:]):
+                u.labels["emotions"] = [e for e in MOSEI_DIMS[1:] if u.labels[e] > 0]
+        return Corpus(name=name, utterances=utterances,
+                      protocol=Protocol(name=f"{name}-emotions-multilabel", label="emotions", task="multilabel",
+                                        classes=list(MOSEI_DIMS[1:])))
     return Corpus(name=name, utterances=utterances,
                   protocol=Protocol(name=f"{name}-sentiment-regression", label="sentiment", task="regression"))
 

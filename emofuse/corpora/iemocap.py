@@ -29,6 +29,9 @@ Protocols ("<classes>[-paper]"):
   actor of the next session (cyclically: fold 5 -> session 1), the female actor for odd folds and the
   male one for even folds (option dev_speaker, e.g. "Ses02M", to choose); the other 7 actors train.
   So test and dev are both speaker-independent and never share a session's recordings with test.
+  "-binary": the same utterances scored as the paper trained them, one binary head per emotion
+  (is it neutral? happy? sad? angry?), each a 2-way softmax with cross-entropy; the table gives
+  per-emotion binary accuracy and weighted F1 (task "multilabel" with one-hot labels).
   "-paper" (or just "paper"): sessions 1-4 train, session 5 test, as in the SSE-FT paper; dev is
   every 10th dialogue of sessions 1-4 (whole dialogues, sorted by name): validation is
   speaker-dependent, the test speaker-independent, and validation never touches session 5 (the
@@ -79,17 +82,19 @@ def _bool(value, name: str) -> bool:
     raise UserError(f"IEMOCAP: option {name} must be true or false, got {value!r}")
 
 
-def _parse_protocol(protocol: str) -> tuple[str, bool]:
-    classes, paper = "4class", False
+def _parse_protocol(protocol: str) -> tuple[str, bool, bool]:
+    classes, paper, binary = "4class", False, False
     for token in (protocol or "").split("-"):
         if token in CLASSES:
             classes = token
         elif token == "paper":
             paper = True
+        elif token == "binary":
+            binary = True
         elif token not in ("", "loso"):
-            raise UserError(f"IEMOCAP: unknown protocol {protocol!r} "
-                            f"(available: 4class, 6class, paper, 4class-paper, 6class-paper)")
-    return classes, paper
+            raise UserError(f"IEMOCAP: unknown protocol {protocol!r} (available: 4class, 6class, "
+                            f"with -binary and/or -paper, e.g. 4class-binary-paper)")
+    return classes, paper, binary
 
 
 def _find_root(root: Path) -> Path:
@@ -120,7 +125,7 @@ def load(root: Path, protocol: str = "", fold=None, merge_excited=None, dev_spea
     if unknown:
         raise UserError(f"IEMOCAP: unknown option(s) {', '.join(sorted(unknown))} (available: fold, "
                         f"merge_excited, dev_speaker, side_rule, media, keep_unlabelled)")
-    class_set, paper = _parse_protocol(protocol)
+    class_set, paper, binary = _parse_protocol(protocol)
     if merge_excited is None:
         merge_excited = class_set == "4class"
     merge_excited = _bool(merge_excited, "merge_excited")
@@ -164,7 +169,7 @@ def load(root: Path, protocol: str = "", fold=None, merge_excited=None, dev_spea
         dialogues = sorted({u.dialogue for u in rows if u.labels["session"] != test_session})
         dev_dialogues = set(dialogues[::10])
         in_dev = {u.id for u in rows if u.dialogue in dev_dialogues}
-        name = f"iemocap-{class_set}{'-exc2hap' if merge_excited else ''}-paper"
+        name = f"iemocap-{class_set}{'-exc2hap' if merge_excited else ''}{'-binary' if binary else ''}-paper"
     else:
         test_session = 1 if fold is None else fold
         following = test_session % 5 + 1
@@ -173,7 +178,7 @@ def load(root: Path, protocol: str = "", fold=None, merge_excited=None, dev_spea
             raise UserError(f"IEMOCAP: dev_speaker must be an actor outside the test session {test_session} "
                             f"(e.g. Ses{following:02d}F), got {dev_speaker!r}")
         in_dev = {u.id for u in rows if u.speaker == dev_speaker}
-        name = f"iemocap-{class_set}{'-exc2hap' if merge_excited else ''}-fold{test_session}"
+        name = f"iemocap-{class_set}{'-exc2hap' if merge_excited else ''}{'-binary' if binary else ''}-fold{test_session}"
 
     utterances = []
     for u in rows:
@@ -185,7 +190,8 @@ def load(root: Path, protocol: str = "", fold=None, merge_excited=None, dev_spea
     if not any(u.split == "test" for u in utterances):
         raise UserError(f"IEMOCAP: no labelled utterance in the test session under {root} (is its Session folder there?)")
     return Corpus(name="iemocap", utterances=utterances,
-                  protocol=Protocol(name=name, label=label_key, classes=list(classes)))
+                  protocol=Protocol(name=name, label=label_key, classes=list(classes),
+                                    task="multilabel" if binary else "classification"))
 
 
 def _read_sessions(root: Path, media: str) -> list[Utterance]:

@@ -156,14 +156,21 @@ class CachedData:
     def split_ids(self, split: str) -> list[str]:
         return [u.id for u in self.utterances if u.split == split]
 
-    def targets(self) -> dict[str, float | int]:
+    def targets(self) -> dict[str, float | int | np.ndarray]:
+        """Per labelled utterance: a class index, a score, or (multilabel) a 0/1 vector over classes."""
         p = self.protocol
         out = {}
         for u in self.utterances:
             y = u.labels.get(p.label)
             if y is None:
                 continue
-            out[u.id] = p.classes.index(y) if p.task == "classification" else float(y)
+            if p.task == "classification":
+                out[u.id] = p.classes.index(y)
+            elif p.task == "multilabel":
+                present = {y} if isinstance(y, str) else set(y)
+                out[u.id] = np.array([c in present for c in p.classes], dtype=np.int64)
+            else:
+                out[u.id] = float(y)
         return out
 
 

@@ -28,11 +28,21 @@ from emofuse.fuse.train import (  # noqa: E402
     load_data, load_model, outputs_to_predictions, predict, summarize, train)
 from emofuse.fuse.metrics import task_metrics  # noqa: E402
 
-# Metrics shown in tables, per task, in this order.
+# Metrics shown in tables, per task, in this order (multilabel adds each emotion's acc and F1).
 TABLE_METRICS = {
     "classification": ["wa", "ua", "weighted_f1"],
     "regression": ["mae", "corr", "acc7", "acc2_has0", "acc2_non0", "f1_non0"],
+    "multilabel": ["mean_acc", "mean_f1"],
 }
+
+
+def table_metrics(task: str, summary: dict) -> list[str]:
+    """The columns of a table for `summary` (metric -> value): the task's headline metrics, then,
+    for one binary head per emotion, each emotion's accuracy and F1 (the paper's IEMOCAP table)."""
+    columns = [k for k in TABLE_METRICS[task] if k in summary]
+    if task == "multilabel":
+        columns += [k for k in summary if k.startswith(("acc_", "f1_"))]
+    return columns
 
 
 # Published numbers to print beside ours, by protocol name: the paper this toolkit reproduces.
@@ -188,13 +198,12 @@ def plot_ablation(table: dict, path: Path) -> None:
 def summary_line(summary: dict) -> str:
     """One line for a training summary: the protocol's table metrics, mean +- std over seeds."""
     test = summary["test"]
-    cells = [f"{k} {fmt(k, test[k]['mean'])} +- {fmt(k, test[k]['std'])}" for k in TABLE_METRICS[summary["task"]]
-             if k in test]
+    cells = [f"{k} {fmt(k, test[k]['mean'])} +- {fmt(k, test[k]['std'])}" for k in table_metrics(summary["task"], test)]
     return f"{summary['protocol']} test ({len(summary['seeds'])} seed(s)): " + ", ".join(cells)
 
 
 def ablation_markdown(table: dict) -> str:
-    metrics = TABLE_METRICS[table["task"]]
+    metrics = table_metrics(table["task"], next(iter(table["rows"].values())))
     head = f"Modality ablation, test split, mean +- std over {table['seeds']} seed(s)"
     lines = [head, "", "| modalities | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for letters, summary in table["rows"].items():

@@ -67,12 +67,15 @@ def multilabel_binary_metrics(y_true, y_pred, names: Sequence[str]) -> dict:
     if y_true.shape != y_pred.shape or y_true.ndim != 2 or y_true.shape[1] != len(names):
         raise ValueError(f"expected (N, {len(names)}) arrays, got {y_true.shape} and {y_pred.shape}")
     per = {name: _binary_acc_f1(y_true[:, e], y_pred[:, e]) for e, name in enumerate(names)}
-    return {
+    out = {
         "n": int(len(y_true)),
         "per_emotion": per,
         "mean_acc": float(np.mean([v["acc"] for v in per.values()])),
         "mean_f1": float(np.mean([v["f1"] for v in per.values()])),
     }
+    for name, v in per.items():  # flat too, so tables can average them over seeds: acc_happy, f1_happy
+        out[f"acc_{name}"], out[f"f1_{name}"] = v["acc"], v["f1"]
+    return out
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

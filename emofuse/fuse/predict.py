@@ -67,7 +67,12 @@ def predict_media(run: Path, media: str | None = None, text: str | None = None, 
         feats, masks, present = collate(["input"], by_modality, shapes, normalizer, trained.get("max_frames", 0))
         with torch.no_grad():
             out = model(feats, masks, present)[0]
-        outputs.append(torch.softmax(out, -1).numpy() if protocol["task"] == "classification" else out.numpy())
+        if protocol["task"] == "classification":
+            outputs.append(torch.softmax(out, -1).numpy())
+        elif protocol["task"] == "multilabel":  # each head's probability of "yes"
+            outputs.append(torch.softmax(out.reshape(-1, 2), -1)[:, 1].numpy())
+        else:
+            outputs.append(out.numpy())
     mean = np.mean(outputs, axis=0)
     result = {"run": str(run), "protocol": protocol["name"], "used": sorted(features), "missing": missing,
               "seeds": len(seeds)}
@@ -75,13 +80,20 @@ def predict_media(run: Path, media: str | None = None, text: str | None = None, 
         probs = {c: float(p) for c, p in zip(protocol["classes"], mean)}
         result["prediction"] = max(probs, key=probs.get)
         result["probabilities"] = probs
+    elif protocol["task"] == "multilabel":  # every emotion whose head says yes
+        probs = {c: float(p) for c, p in zip(protocol["classes"], mean)}
+        result["prediction"] = [c for c, p in probs.items() if p > 0.5]
+        result["probabilities"] = probs
     else:
         result["prediction"] = float(mean[0])
     return result
 
 
 def format_prediction(result: dict) -> str:
-    lines = [f"prediction: {result['prediction']}   ({result['protocol']}, {result['seeds']} seed(s))"]
+    shown = result["prediction"]
+    if isinstance(shown, list):  # multilabel: the emotions whose heads say yes
+        shown = ", ".join(shown) or "none of the emotions"
+    lines = [f"prediction: {shown}   ({result['protocol']}, {result['seeds']} seed(s))"]
     for c, p in sorted(result.get("probabilities", {}).items(), key=lambda kv: -kv[1]):
         lines.append(f"  {c:<12} {p:6.1%}  " + "#" * int(round(40 * p)))
     lines.append("modalities used: " + ", ".join(result["used"]))

@@ -67,7 +67,8 @@ def load_data(cfg: Config, modalities: list[str] | None = None) -> CachedData:
 
 def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
     p = data.protocol
-    num_outputs = len(p.classes) if p.task == "classification" else 1
+    # classification: one logit per class; multilabel: one 2-way head (no, yes) per class; regression: one score
+    num_outputs = {"classification": len(p.classes), "multilabel": 2 * len(p.classes)}.get(p.task, 1)
     arch = asdict(cfg.model)
     arch.pop("modalities")
     return FusionConfig(modalities=list(data.stores), input_dims=data.dims(), num_layers_in=data.layers(),
@@ -77,6 +78,8 @@ def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
 def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if task == "classification":
         return F.cross_entropy(out, y)
+    if task == "multilabel":  # the paper's IEMOCAP heads: cross-entropy of each 2-way head, averaged
+        return F.cross_entropy(out.reshape(-1, 2), y.reshape(-1))
     return F.l1_loss(out.squeeze(-1), y)  # CMU-MOSI/MOSEI: L1 on the [-3, 3] score
 
 
@@ -120,7 +123,11 @@ def predict(model: SSEFT, data: CachedData, ids: list[str], normalizer: Normaliz
 
 
 def outputs_to_predictions(task: str, outputs: np.ndarray) -> np.ndarray:
-    return outputs.argmax(-1) if task == "classification" else outputs[:, 0]
+    if task == "classification":
+        return outputs.argmax(-1)
+    if task == "multilabel":  # (N, 2E) -> (N, E) 0/1: does head e say "yes"?
+        return outputs.reshape(len(outputs), -1, 2).argmax(-1)
+    return outputs[:, 0]
 
 
 def evaluate_split(model, data, ids, targets, normalizer, max_frames, **kw) -> dict:
@@ -176,8 +183,8 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         for batch in make_batches(train_ids, lengths, t.batch_size, shuffle=True, rng=rng):
             feats, masks, present = collate(batch, data.features, data.frame_shapes(), normalizer, t.max_frames)
             present = drop_modalities(present, t.modality_dropout, gen)
-            y = torch.tensor([targets[i] for i in batch],
-                             dtype=torch.long if p.task == "classification" else torch.float32)
+            y = torch.as_tensor(np.array([targets[i] for i in batch]),
+                                dtype=torch.float32 if p.task == "regression" else torch.long)
             loss = loss_fn(p.task, model(feats, masks, present), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
