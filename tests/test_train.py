@@ -155,3 +155,17 @@ def test_multilabel_heads_train_and_report(toy_run, tmp_path):
     line = format_prediction({"prediction": [], "probabilities": {"a": 0.2}, "protocol": "p", "seeds": 1,
                               "used": ["audio"], "missing": {}})
     assert "none of the emotions" in line
+
+
+def test_tensorboard_logs_every_epoch(toy_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(toy_run)
+    cfg.train.tensorboard = True
+    train(cfg, progress=False, log=lambda *_: None)
+    events = EventAccumulator(str(Path(cfg.train.runs) / "full" / "seed-0" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "dev/wa", "dev/weighted_f1"} <= set(events.Tags()["scalars"])
+    losses = [e.value for e in events.Scalars("train/loss")]
+    logged = [json.loads(line)["train_loss"] for line in open(Path(cfg.train.runs) / "full" / "seed-0" / "metrics.jsonl")]
+    np.testing.assert_allclose(losses, logged, rtol=1e-6)

@@ -175,6 +175,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     start = time.perf_counter()
     first = len(log)
+    board = tensorboard_writer(run_dir, purge_step=first) if t.tensorboard else None
     bar = tqdm(range(first, t.epochs if not stopped else first), desc=f"train seed {seed}", unit="epoch",
                initial=first, total=t.epochs, disable=not progress)
     for epoch in bar:
@@ -198,6 +199,12 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         log.append(record)
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if board is not None:
+            board.add_scalar("train/loss", record["train_loss"], epoch)
+            board.add_scalar("train/lr", record["lr"], epoch)
+            for k, v in record["dev"].items():
+                board.add_scalar(f"dev/{k}", v, epoch)
+            board.flush()
         if best is None or is_better(primary, dev[primary], best):
             best, best_epoch = dev[primary], epoch
             save_model(model, normalizer, run_dir, data, cfg, seed)
@@ -207,6 +214,8 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         if stopped:
             break
     bar.close()
+    if board is not None:
+        board.close()
     train_seconds = time.perf_counter() - start
     plot_curves(log, primary, run_dir / "curves.png", f"seed {seed}")
 
@@ -276,6 +285,16 @@ def load_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generato
     gen.set_state(tensors["rng.modality_dropout"])
     torch.set_rng_state(tensors["rng.torch"])
     return meta["best"], meta["best_epoch"], meta["log"], meta["stopped"]
+
+
+def tensorboard_writer(run_dir: Path, purge_step: int):
+    """A SummaryWriter on run_dir/tensorboard; purge_step drops what a killed run logged past its
+    last saved epoch, so a resumed run's curves have no duplicate points."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard=true needs the tensorboard package: pip install 'emofuse[tensorboard]'") from None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def plot_curves(log: list[dict], primary: str, path: Path, title: str) -> None:
