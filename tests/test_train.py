@@ -169,3 +169,41 @@ def test_tensorboard_logs_every_epoch(toy_run):
     losses = [e.value for e in events.Scalars("train/loss")]
     logged = [json.loads(line)["train_loss"] for line in open(Path(cfg.train.runs) / "full" / "seed-0" / "metrics.jsonl")]
     np.testing.assert_allclose(losses, logged, rtol=1e-6)
+
+
+def test_learned_layer_weights_find_the_informative_layer(tmp_path):
+    """An all-layer store (T, L, D) where only layer 2 carries the label: the softmax layer mix
+    learns to weight layer 2 most, and the report shows the weights (table and PNG)."""
+    from emofuse.fuse.evaluate import evaluate_run
+
+    rng = np.random.default_rng(1)
+    classes = ["a", "b"]
+    utts = [Utterance(id=f"u{i:02d}", split=["train", "train", "train", "dev", "test"][i % 5],
+                      labels={"emotion": classes[i % 2]}) for i in range(80)]
+    cache = tmp_path / "cache" / "toy"
+    cache.mkdir(parents=True)
+    write_utterances(utts, cache / "utterances.jsonl")
+    (cache / "protocol.json").write_text(json.dumps(vars(Protocol("toy-layers", "emotion", classes=classes))))
+    spec = {"backend": "toy-layers", "layers": "all"}
+    store = FeatureStore.create(cache / "audio-toy", "audio", spec, fingerprint(spec), dim=4, layers=4)
+    with store.writer() as w:
+        for i, u in enumerate(utts):
+            x = rng.standard_normal((6, 4, 4)).astype(np.float32)
+            x[:, 2, 0] += 2.0 if i % 2 else -2.0
+            w.add(u.id, x)
+    store.close()
+    cfg = tmp_path / "layers.yaml"
+    cfg.write_text(f"""
+corpus: {{name: toy, root: {tmp_path / 'none'}}}
+extract: {{cache: {tmp_path / 'cache'}, encoders: {{audio: {{backend: toy-layers}}}}}}
+model: {{modalities: [audio], preset: fast, width: 8, heads: 2, ffn: 16, self_layers: {{audio: 1}}, cross_layers: 0}}
+train: {{runs: {tmp_path / 'runs'}, name: layers, epochs: 15, patience: 15, batch_size: 8, lr: 0.01, num_threads: 1}}
+""")
+    train(load_config(cfg), progress=False, log=lambda *_: None)
+    run = tmp_path / "runs" / "layers"
+    report = evaluate_run(run, log=lambda *_: None)
+    weights = report["layer_weights"]["audio"]
+    assert len(weights) == 4 and abs(sum(weights) - 1) < 1e-5
+    assert int(np.argmax(weights)) == 2, weights
+    assert "Learned audio layer weights" in (run / "report.md").read_text()
+    assert (run / "layer_weights.png").stat().st_size > 1000

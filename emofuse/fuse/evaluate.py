@@ -88,23 +88,28 @@ def evaluate_run(run: Path, log=print) -> dict:
     targets = data.targets()
     test_ids = [i for i in data.split_ids(p.test_split) if i in targets]
     y_true = np.array([targets[i] for i in test_ids])
-    results, confusion = [], None
+    results, confusion, layer_weights = [], None, {}
     for d in seed_dirs(run):
         check_fingerprints(d, data)
         model, normalizer = load_model(d)
         outputs = predict(model, data, test_ids, normalizer, cfg.train.max_frames)
         metrics = task_metrics(p.task, y_true, outputs_to_predictions(p.task, outputs), p.classes)
         results.append({"seed": d.name, "test": metrics})
+        for m, w in model.layer_weights().items():  # stores with every layer: the learned mix
+            layer_weights.setdefault(m, []).append(w)
         if p.task == "classification":
             cm = np.array(metrics["confusion"])
             confusion = cm if confusion is None else confusion + cm
     report = {"protocol": p.name, "task": p.task, "modalities": list(data.stores), "n_test": len(test_ids),
               "seeds": [r["seed"] for r in results], "test": summarize(results),
-              "per_seed": results}
+              "per_seed": results,
+              "layer_weights": {m: np.mean(w, axis=0).tolist() for m, w in layer_weights.items()}}
     (run / "report.json").write_text(json.dumps(report, indent=2))
     (run / "report.md").write_text(report_markdown(report, p.classes))
     if confusion is not None:
         plot_confusion(confusion, p.classes, run / "confusion.png", f"{p.name}: test, {len(results)} seed(s)")
+    if report["layer_weights"]:
+        plot_layer_weights(report["layer_weights"], run / "layer_weights.png", f"{p.name}: learned layer weights")
     log(report_markdown(report, p.classes))
     return report
 
@@ -115,6 +120,10 @@ def report_markdown(report: dict, classes: list[str]) -> str:
              f"{len(report['seeds'])} seed(s))", "", "| metric | mean | std |", "|---|---|---|"]
     for k, v in report["test"].items():
         lines.append(f"| {k} | {fmt(k, v['mean'])} | {fmt(k, v['std'])} |")
+    for m, weights in report.get("layer_weights", {}).items():
+        lines += ["", f"Learned {m} layer weights (softmax, mean over seeds; layer 0 = the encoder's input embeddings):",
+                  "", "| layer | " + " | ".join(str(i) for i in range(len(weights))) + " |",
+                  "|---" * (len(weights) + 1) + "|", "| weight | " + " | ".join(f"{w:.3f}" for w in weights) + " |"]
     first = report["per_seed"][0]["test"]
     if "per_class_f1" in first:
         lines += ["", f"Per-class F1 ({report['per_seed'][0]['seed']}):", "", "| class | F1 |", "|---|---|"]
@@ -143,6 +152,20 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
             ax.text(j, i, f"{int(cm[i, j])}\n{100 * norm[i, j]:.0f}%", ha="center", va="center",
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_layer_weights(weights: dict[str, list[float]], path: Path, title: str) -> None:
+    """One bar chart per modality: how much each encoder layer contributes to the learned mix."""
+    fig, axes = plt.subplots(1, len(weights), figsize=(4 * len(weights), 3), squeeze=False)
+    for ax, (m, w) in zip(axes[0], weights.items()):
+        ax.bar(range(len(w)), w, color="#3182bd")
+        ax.axhline(1 / len(w), color="gray", linestyle="--", linewidth=1)  # a uniform mix
+        ax.set_xlabel(f"{m} encoder layer")
+        ax.set_ylabel("weight")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
