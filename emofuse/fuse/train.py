@@ -181,7 +181,8 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     for epoch in bar:
         model.train()
         losses = []
-        for batch in make_batches(train_ids, lengths, t.batch_size, shuffle=True, rng=rng):
+        batches = make_batches(train_ids, lengths, t.batch_size, shuffle=True, rng=rng)
+        for batch in tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress):
             feats, masks, present = collate(batch, data.features, data.frame_shapes(), normalizer, t.max_frames)
             present = drop_modalities(present, t.modality_dropout, gen)
             y = torch.as_tensor(np.array([targets[i] for i in batch]),
