@@ -1,15 +1,21 @@
 """Fault injection on real extraction runs: disk full, a second writer, hostile inputs.
 Run alone with `pytest -m faults`."""
 
+import os
+import random
+import re
 import resource
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
+from emofuse.cache.shard import Shard
 from emofuse.cache.store import FeatureStore
 
 pytestmark = pytest.mark.faults
@@ -113,3 +119,139 @@ def test_second_writer_is_refused_while_first_runs(tmp_path):
     third = run_extract(tmp_path, str(cfg))
     assert third.returncode == 0, third.stderr
     assert FeatureStore.verify(lock) == []
+
+
+# --- item 1: kill anywhere, resume exactly --------------------------------------------------------
+
+# Children get one BLAS/torch thread (a shared 2-core machine) and unbuffered output (a SIGKILLed
+# child would otherwise lose the lines it printed).
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+KILL_SHARD_MB = 0.01  # ~1-2 demo utterances of minilm states per shard: ~30 shards, many kill points
+
+
+def shard_ids(paths) -> dict[str, list[str]]:
+    """ids of each complete shard file (published shards never change, so reading them later is exact)."""
+    out = {}
+    for p in paths:
+        shard = Shard(p)
+        out[p.name] = list(shard.ids)
+        shard.close()
+    return out
+
+
+def published(store_dir: Path | None) -> list[Path]:
+    return sorted(store_dir.glob("shard-*.h5")) if store_dir is not None else []
+
+
+def test_kill_loop_resumes_exactly(tmp_path, text_config):
+    """SIGKILL `emofuse extract` again and again (during start-up, right after a shard is published,
+    and while a shard is being written), restart it each time, and end with the store an
+    uninterrupted run writes, bit for bit."""
+    # Small encoder batches: encoding and shard writes interleave over the run instead of one burst.
+    base = ["extract", text_config, f"extract.shard_mb={KILL_SHARD_MB}", "extract.batch_budget.text=64", "--quiet"]
+    ref = subprocess.run([sys.executable, "-m", "emofuse.cli", *base], capture_output=True, text=True,
+                         env=CHILD_ENV, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    reference = FeatureStore(next((tmp_path / "cache" / "demo").glob("text-*")))
+    expected = reference.load_all()
+    shard_bytes = int(KILL_SHARD_MB * (1 << 20))
+    biggest = max(x.nbytes for x in expected.values())
+    assert len(reference.shards) >= 20, "too few shards for varied kill points"
+    reference.close()
+
+    cache = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "emofuse.cli", *base, f"extract.cache={cache}"]
+    rng = random.Random(7)  # varied but reproducible kill points
+    plan = ([("startup", round(rng.uniform(0.3, 1.5), 2)) for _ in range(2)]
+            + [("published", rng.randint(1, 3)) for _ in range(4)]
+            + [("writing", rng.randint(1, 3)) for _ in range(4)])
+    rng.shuffle(plan)
+
+    store_dir, kills, logs, stale_tmps = None, [], [], {}
+    for kind, arg in plan:
+        out_path = tmp_path / f"run-{len(kills)}.log"
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV)
+        try:
+            at_start = len(published(store_dir))
+            if kind == "startup":
+                time.sleep(arg)  # importing torch, loading the model, opening the store
+            else:
+                # Sleep-poll until this process holds the store's lock (encoding is about to start),
+                # then poll without sleeping: a shard write lasts a few milliseconds.
+                while proc.poll() is None:
+                    found = list((cache / "demo").glob("text-*/store.lock"))
+                    if found and found[0].read_text().strip() == str(proc.pid):
+                        store_dir = found[0].parent
+                        break
+                    time.sleep(0.005)
+                while proc.poll() is None:
+                    names = os.listdir(store_dir)
+                    n = sum(1 for f in names if f.endswith(".h5"))
+                    writing = any(f.endswith(".h5.tmp") for f in names)
+                    if kind == "published" and n - at_start >= arg:
+                        break
+                    if kind == "writing" and writing and n - at_start >= arg - 1:
+                        break
+                    if kind == "writing" and n - at_start > arg + 1:
+                        break  # its writes slipped between two polls (a busy machine): kill now instead
+            before = published(store_dir)
+            assert proc.poll() is None, f"extract finished before kill point {kind} {arg}: {out_path.read_text()}"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        if store_dir is None:
+            store_dir = next(iter((cache / "demo").glob("text-*")), None)
+        after = published(store_dir)
+        # A .tmp that this run wrote (a stale one from the previous kill has the same name and mtime
+        # until the next writer removes it).
+        tmps = {p.name: p.stat().st_mtime_ns for p in store_dir.glob("*.tmp")} if store_dir is not None else {}
+        leftover = [store_dir / name for name, t in tmps.items() if stale_tmps.get(name) != t]
+        stale_tmps = tmps
+        before_ids, after_ids = shard_ids(before), shard_ids(after)
+        # A kill never loses or damages a published shard: every one still opens, with the same ids.
+        assert all(after_ids.get(name) == ids for name, ids in before_ids.items())
+        if store_dir is not None and (store_dir / "store.json").exists():
+            FeatureStore(store_dir).close()  # opens: no truncated shard, no id twice
+        lost = 0
+        for tmp in leftover:  # killed during a shard write: that one shard is what is lost
+            if tmp.name.endswith(".h5.tmp"):
+                try:
+                    with h5py.File(tmp, "r") as f:  # readable when the kill came after write(), before rename
+                        lost = len(f["ids"])
+                        assert f["features"].size * 2 <= shard_bytes + biggest  # one shard, no more
+                        assert not set(s.decode() for s in f["ids"][:]) & {i for ids in after_ids.values() for i in ids}
+                except OSError:
+                    lost = -1  # cut inside write(): not readable, ignored and removed by the next run
+        kills.append({"kind": kind, "arg": arg, "stored_before": sum(map(len, before_ids.values())),
+                      "stored_after": sum(map(len, after_ids.values())), "mid_write": bool(leftover),
+                      "tmp_ids": lost})
+        logs.append(out_path.read_text())
+
+    final = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV, timeout=300)
+    assert final.returncode == 0, final.stdout + final.stderr
+    logs.append(final.stdout)
+
+    # Each restart skipped exactly the utterances in published shards and redid the rest: the work
+    # redone after a kill is what the killed run held unpublished, i.e. the writer's buffer (less than
+    # shard_mb by the flush rule) or the one shard being written, plus the batch being encoded.
+    for k, kill in enumerate(kills):
+        m = re.search(r"text: skipping (\d+) utterances", logs[k + 1])
+        if m:  # absent when that run was itself killed before reaching the line, or nothing was stored
+            assert int(m.group(1)) == kill["stored_after"], (k, kill, logs[k + 1])
+    assert f"skipped {kills[-1]['stored_after']}," in final.stdout
+    print("\nkills:", *kills, sep="\n  ")
+
+    assert len(kills) >= 10
+    assert sum(k["mid_write"] for k in kills) >= 1, kills  # at least one kill landed inside a shard write
+    store = FeatureStore(store_dir)
+    ids = [uid for shard in store.shards for uid in shard.ids]
+    assert len(ids) == len(set(ids)) == len(expected) and set(ids) == set(expected)  # each exactly once
+    for uid, x in expected.items():
+        np.testing.assert_array_equal(store.get(uid), x)  # bit-identical to the uninterrupted run
+    store.close()
+    assert not list(cache.glob("**/*.tmp"))
+    verify = subprocess.run([sys.executable, "-m", "emofuse.cli", "cache", "verify", str(cache)],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
