@@ -612,6 +612,28 @@ def test_manifest_default_columns_and_errors(tmp_path):
         manifest.load(tmp_path, csv="other.csv")
 
 
+def test_manifest_invalid_utf8_and_long_transcripts(tmp_path):
+    long_text = "word " * 60_000  # 300,000 characters: over the csv module's default cell limit
+    (tmp_path / "manifest.csv").write_bytes(
+        b"id,text,label,split\n"
+        b"ok,fine,sad,train\n"
+        b"bad,caf\xe9 au lait,sad,train\n"  # a Latin-1 byte in a UTF-8 file
+        + f"long,{long_text},sad,test\n".encode())
+    c = manifest.load(tmp_path, name="mine")
+    by_id = {u.id: u for u in c.utterances}
+    assert c.name == "mine" and len(by_id["long"].text) == len(long_text.strip())
+    # The broken transcript is not guessed at: the utterance stays, its text becomes a failure that
+    # names the byte and the line (extraction records it; tests/test_faults.py runs one through).
+    assert by_id["bad"].text is None and by_id["bad"].labels == {"label": "sad"}
+    assert by_id["bad"].unusable == {"text": "transcript is not valid UTF-8 (byte 0xe9 at character 4; "
+                                              "manifest.csv line 3)"}
+    assert by_id["ok"].unusable == {}
+    # Anywhere else (an id, a path, a label) a broken byte is an error for the whole file.
+    (tmp_path / "manifest.csv").write_bytes(b"id,audio,label,split\nx,clip\xff.wav,sad,train\n")
+    with pytest.raises(UserError, match=r"line 2, column audio: not valid UTF-8 \(byte 0xff at character 5\)"):
+        manifest.load(tmp_path)
+
+
 def test_every_reader_is_registered():
     from emofuse.corpora import READERS
 

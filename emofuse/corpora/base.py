@@ -23,6 +23,9 @@ class Utterance:
     end: float | None = None
     split: str | None = None  # train | dev | test (or a fold name)
     labels: dict = field(default_factory=dict)
+    # modality -> why the corpus reader could not use it (e.g. a transcript that is not valid UTF-8);
+    # extraction records it in that modality's failures.jsonl instead of encoding it
+    unusable: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -10,6 +10,8 @@ Options (all optional):
   task     classification (default) | regression (labels are numbers)
   classes  class order for classification (a list or "a,b,c"; default: sorted unique labels)
   name     the corpus name, i.e. its cache folder (default "manifest")
+The CSV must be UTF-8. A transcript cell that is not (e.g. a stray Latin-1 byte) makes that
+utterance's text a failure with the offending byte named; any other cell that is not is an error.
 Relative media paths resolve against the CSV's folder; empty cells mean "absent". Splits are
 train / dev / test (valid, val, validation count as dev); an empty split or label leaves the row
 out of training and scoring. Every other column is kept in labels, so another column can become
@@ -18,6 +20,7 @@ the label (columns.label=...) without extracting again; the label is stored unde
 
 from __future__ import annotations
 
+import csv as csvlib
 from csv import DictReader
 from pathlib import Path
 
@@ -46,10 +49,22 @@ def load(root: Path, protocol: str = "", csv: str = "", columns=None, task: str 
     path = root if root.is_file() else root / (csv or "manifest.csv")  # an absolute csv wins over root
     if not path.is_file():
         raise UserError(f"manifest: expected the CSV file at {path} (set corpus.options.csv)")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # surrogateescape: bytes that are not UTF-8 become lone surrogates we can find and name below,
+    # instead of a UnicodeDecodeError for the whole file.
+    # The csv module refuses cells over 128 KiB by default: a long transcript (a lecture, an
+    # interview) is a legitimate cell, so allow any size a C long holds.
+    csvlib.field_size_limit(2**31 - 1)
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = DictReader(f)
-        rows = list(reader)
+        try:
+            rows = list(reader)
+        except csvlib.Error as e:
+            raise UserError(f"manifest: {path} line {reader.line_num}: not readable as CSV ({e})") from None
         header = reader.fieldnames or []
+    for column in header:
+        if _bad_utf8(column):
+            raise UserError(f"manifest: {path} header: column name is not valid UTF-8 ({_bad_utf8(column)}); "
+                            f"save the CSV as UTF-8")
     missing = [f"{col[r]} ({r})" for r in REQUIRED if col[r] not in header]
     if missing:
         raise UserError(f"manifest: {path} lacks column(s) {', '.join(missing)}; it has {', '.join(header)}")
@@ -69,6 +84,16 @@ def load(root: Path, protocol: str = "", csv: str = "", columns=None, task: str 
 
     utterances, seen = [], set()
     for n, row in enumerate(rows, start=2):
+        unusable = {}
+        for key, value in row.items():
+            where = _bad_utf8(value) if key is not None and isinstance(value, str) else None
+            if where is None:
+                continue
+            if key != col["text"]:  # ids, labels, paths: nothing sensible to do with a broken one
+                raise UserError(f"manifest: {path} line {n}, column {key}: not valid UTF-8 ({where}); "
+                                f"save the CSV as UTF-8")
+            unusable["text"] = f"transcript is not valid UTF-8 ({where}; {path.name} line {n})"
+            row[key] = ""  # no text for this utterance; the failure says why
         uid = cell(row, "id")
         if uid is None or uid in seen:
             raise UserError(f"manifest: {path} line {n}: {'empty' if uid is None else 'duplicate'} id {uid or ''}")
@@ -88,7 +113,8 @@ def load(root: Path, protocol: str = "", csv: str = "", columns=None, task: str 
         utterances.append(Utterance(
             id=uid, speaker=cell(row, "speaker"), dialogue=cell(row, "dialogue"), text=cell(row, "text"),
             audio=media(row, "audio"), video=media(row, "video"), start=start, end=end,
-            split=SPLITS[split.lower()] if split is not None and label is not None else None, labels=labels))
+            split=SPLITS[split.lower()] if split is not None and label is not None else None, labels=labels,
+            unusable=unusable))
 
     found = sorted({u.labels[label_key] for u in utterances if label_key in u.labels}, key=str)
     if task == "classification":
@@ -102,3 +128,12 @@ def load(root: Path, protocol: str = "", csv: str = "", columns=None, task: str 
         order = []
     return Corpus(name=str(name), utterances=utterances,
                   protocol=Protocol(name=protocol or f"{name}-{label_key}", label=label_key, task=task, classes=order))
+
+
+def _bad_utf8(value: str) -> str | None:
+    """Where a cell read with errors="surrogateescape" holds a byte that is not UTF-8, e.g.
+    "byte 0xe9 at character 12"; None when it is all valid."""
+    for i, ch in enumerate(value):
+        if "\udc80" <= ch <= "\udcff":
+            return f"byte 0x{ord(ch) - 0xdc00:02x} at character {i + 1}"
+    return None
