@@ -121,6 +121,19 @@ def test_broken_files_raise_prepare_error(tmp_path, content, suffix):
     assert e.value.stage == "decode"
 
 
+def test_truncated_wav_is_refused_where_the_clip_reaches_the_missing_part(tmp_path):
+    full = tmp_path / "full.wav"
+    sf.write(full, np.zeros(32000, np.float32), 16000, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[: 44 + 2 * 10000])  # header + 10,000 of the 32,000 samples
+    with pytest.raises(PrepareError, match="truncated file: .* holds 10000 of the 32000 samples"):
+        load_audio(cut)
+    with pytest.raises(PrepareError, match="truncated file"):
+        load_audio(cut, start=0.5, end=1.0)
+    assert len(load_audio(cut, start=0.1, end=0.5)) == 6400  # wholly inside what is there
+    assert len(load_audio(full)) == 32000
+
+
 def test_truncated_mp4(tmp_path):
     path = tmp_path / "v.mp4"
     write_mp4(path, coloured_frames(20), fps=10, audio=np.zeros(32000, np.float32))

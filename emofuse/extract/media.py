@@ -19,6 +19,12 @@ from emofuse.errors import PrepareError
 SOUNDFILE_EXTS = {".wav", ".flac", ".ogg"}
 
 
+def _ffmpeg_reason(e: Exception) -> str:
+    """FFmpeg's own words ("Invalid data found when processing input"), without PyAV's errno and
+    repeated file name, so that one problem reads (and is counted) the same for every file."""
+    return getattr(e, "strerror", None) or str(e)
+
+
 def _check_range(path, start, end) -> None:
     if not Path(path).is_file():
         raise PrepareError("decode", f"file not found: {path}")
@@ -46,7 +52,8 @@ def load_audio(path, sample_rate: int = 16000, start: float | None = None, end: 
         wav, sr = _read_pyav(path, start, end)
 
     if wav.size == 0:
-        raise PrepareError("decode", f"no audio samples in {path} [{start}, {end})")
+        span = "" if start is None and end is None else f" [{start}, {end})"
+        raise PrepareError("decode", f"no audio samples in {path}{span}")
     if not np.isfinite(wav).all():
         raise PrepareError("decode", f"audio contains NaN or Inf values: {path}")
     if sr != sample_rate:
@@ -55,11 +62,40 @@ def load_audio(path, sample_rate: int = 16000, start: float | None = None, end: 
 
 
 def _read_soundfile(path, start, end) -> tuple[np.ndarray, int]:
-    sr = sf.info(path).samplerate
+    info = sf.info(path)
+    sr = info.samplerate
     first = 0 if start is None else int(round(start * sr))
     last = None if end is None else int(round(end * sr))
+    # libsndfile silently reads what is there of a cut-off file; a clip that reaches into the missing
+    # part would give features of a shorter clip than its transcript and label describe.
+    declared = _declared_wav_frames(path) if info.format == "WAV" else None
+    if declared is not None and declared > info.frames and (last is None or last > info.frames):
+        raise PrepareError("decode", f"truncated file: {path} holds {info.frames} of the {declared} samples "
+                                     f"its header announces")
     x, sr = sf.read(path, start=first, stop=last, dtype="float32", always_2d=True)
     return x.mean(axis=1), sr  # average the channels: the same downmix as the PyAV path
+
+
+def _declared_wav_frames(path) -> int | None:
+    """Frames the RIFF header of a WAV file announces (its data chunk size / block align), or None
+    when the file is not plain RIFF/WAVE or the size is a streaming writer's placeholder (0 or 2^32-1)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        block_align = 0
+        while len(chunk := f.read(8)) == 8:
+            cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"data":
+                if size in (0, 0xFFFFFFFF) or block_align <= 0:
+                    return None
+                return size // block_align
+            if cid == b"fmt ":
+                block_align = int.from_bytes(f.read(16)[12:14], "little")
+                f.seek(size - 16 + size % 2, 1)  # chunks are padded to an even size
+            else:
+                f.seek(size + size % 2, 1)
+    return None
 
 
 def _read_pyav(path, start, end) -> tuple[np.ndarray, int]:
@@ -84,7 +120,7 @@ def _read_pyav(path, start, end) -> tuple[np.ndarray, int]:
             for out in resampler.resample(None):  # flush
                 pieces.append(out.to_ndarray().mean(axis=0))
     except av.error.FFmpegError as e:
-        raise PrepareError("decode", f"cannot decode audio of {path}: {e}") from None
+        raise PrepareError("decode", f"cannot decode audio of {path}: {_ffmpeg_reason(e)}") from None
     if not pieces:
         return np.zeros(0, np.float32), sr
     wav = np.concatenate(pieces).astype(np.float32)
@@ -157,7 +193,7 @@ def load_video_frames(
                         frames.append(prev_rgb)
                         k += 1
     except av.error.FFmpegError as e:
-        raise PrepareError("decode", f"cannot decode video of {path}: {e}") from None
+        raise PrepareError("decode", f"cannot decode video of {path}: {_ffmpeg_reason(e)}") from None
     if not frames:
         raise PrepareError("decode", f"no video frames decoded from {path} [{start}, {end})")
     return np.stack(frames)
