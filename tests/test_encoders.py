@@ -139,6 +139,25 @@ def test_minilm_long_text_is_chunked_not_truncated(minilm):
     check_batch_invariance(minilm, [ids, short])
 
 
+def test_many_windows_run_a_few_at_a_time(minilm, monkeypatch):
+    """A transcript cut into many windows is run in forwards of at most FORWARD_BUDGET tokens (memory
+    of an ordinary batch, not of the whole transcript), with the same result as one forward."""
+    from emofuse.extract.encoders import hf
+
+    text = " ".join(f"sentence {i} says something rather different." for i in range(200))
+    ids = minilm.prepare(Utterance(id="long", text=text))
+    assert len(minilm._spans(len(ids))) >= 8
+    one_forward = minilm.encode([ids])[0]
+    sizes = []
+    forward = minilm._forward_padded
+    monkeypatch.setattr(minilm, "_forward_padded", lambda inputs: sizes.append(len(inputs)) or forward(inputs))
+    monkeypatch.setitem(hf.FORWARD_BUDGET, "text", 2 * minilm.max_tokens)
+    split = minilm.encode([ids])[0]
+    assert max(sizes) == 2 and sum(sizes) == len(minilm._spans(len(ids)))
+    assert maxdiff(split, one_forward) < TOL
+    assert hf._split_by_budget([0, 1, 2, 3], [5, 9, 3, 30], 20) == [[0, 1], [2], [3]]
+
+
 def test_minilm_spec_and_errors(minilm):
     spec = minilm.full_spec()
     assert spec["backend"] == "minilm" and spec["layer"] == -1 and spec["max_tokens"] == 256
@@ -178,6 +197,30 @@ def test_opensmile_egemaps(tmp_path):
     with pytest.raises(PrepareError) as e:
         enc.prepare(Utterance(id="t", audio=str(tiny)))
     assert e.value.stage == "audio" and "too short" in e.value.reason
+
+
+@pytest.mark.parametrize("feature_set", ["eGeMAPSv02", "ComParE_2016"])
+def test_opensmile_long_input_in_windows_equals_one_pass(tmp_path, feature_set):
+    """Long inputs are processed in overlapping windows (bounded memory) and give what one pass over
+    the whole input gives: bit for bit for eGeMAPS, within float32 noise for ComParE."""
+    rng = np.random.default_rng(1)
+    # 40 s of speech-like voiced stretches (0.2-1.5 s) and pauses, so window edges fall in both
+    parts = [[speech_like(rng.uniform(0.2, 1.5), seed=k), np.zeros(int(rng.uniform(0.05, 0.4) * 16000), np.float32)]
+             for k in range(80)]
+    x = np.concatenate(sum(parts, []))[: 40 * 16000]
+    path = tmp_path / "long.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    utt = Utterance(id="long", audio=str(path))
+    enc = build_encoder("audio", {"backend": "opensmile", "feature_set": feature_set})
+    enc.chunk_seconds = 1000.0  # one pass
+    whole = enc.prepare(utt)
+    enc.chunk_seconds = 12.0  # 4 windows overlapping by 5 s
+    cut = enc.prepare(utt)
+    assert cut.shape == whole.shape and len(whole) > 3900
+    if feature_set == "eGeMAPSv02":
+        np.testing.assert_array_equal(cut, whole)
+    else:
+        np.testing.assert_allclose(cut, whole, rtol=1e-5, atol=1e-4)  # measured: 1.4e-6 relative at most
 
 
 def test_opensmile_compare_and_cut(tmp_path):

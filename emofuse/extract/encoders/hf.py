@@ -27,6 +27,10 @@ from emofuse.extract.encoders.chunking import chunk_spans, conv_output_length, s
 from emofuse.extract.media import load_audio
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+# Padded input per forward: a long input cut into many windows is run a few windows at a time, so
+# memory stays that of an ordinary batch (100,000 words in one forward of 530 windows took 3.5 GB).
+# As large as the pipeline's default batch budgets, so that ordinary batches are never split.
+FORWARD_BUDGET = {"text": 8192, "audio": 16000 * 60}
 
 
 def check_model_folder(path) -> Path:
@@ -81,6 +85,19 @@ def precision(autocast_dtype, device: str):
     if autocast_dtype is None:
         return exact_float32(device)
     return torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype)
+
+
+def _split_by_budget(items: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """`items` in order, in runs whose padded size (longest x count) stays within budget (an item
+    larger than the budget on its own forms a run of one)."""
+    parts, part, longest = [], [], 0
+    for item, n in zip(items, lengths):
+        if part and max(longest, n) * (len(part) + 1) > budget:
+            parts.append(part)
+            part, longest = [], 0
+        part.append(item)
+        longest = max(longest, n)
+    return parts + [part] if part else parts
 
 
 @register("hf")
@@ -290,8 +307,9 @@ class HFEncoder(Encoder):
             groups = list(by_len.values())
         outputs = [None] * len(inputs)
         for group in groups:
-            for i, out in zip(group, self._forward_padded([inputs[i] for i in group])):
-                outputs[i] = out
+            for part in _split_by_budget(group, [len(inputs[i]) for i in group], FORWARD_BUDGET[self.modality]):
+                for i, out in zip(part, self._forward_padded([inputs[i] for i in part])):
+                    outputs[i] = out
         return outputs
 
     def _forward_padded(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
