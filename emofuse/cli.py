@@ -66,7 +66,7 @@ def extract(config, overrides, processes, device, scheduler, trust_checkpoint, q
     """Run each frozen encoder over the corpus once; write feature stores to the cache."""
     from emofuse.config import load_config
     from emofuse.corpora import load_corpus
-    from emofuse.extract.pipeline import extract_corpus
+    from emofuse.extract.pipeline import extract_corpus, summary_lines
 
     cfg = load_config(config, overrides)
     if trust_checkpoint:  # only the backends that load pickled checkpoints know this option
@@ -85,11 +85,8 @@ def extract(config, overrides, processes, device, scheduler, trust_checkpoint, q
                                       progress=not quiet)
     else:
         results = extract_corpus(cfg, corpus, progress=not quiet)
-    for r in results:
-        click.echo(f"{r.modality}: encoded {r.encoded}, skipped {r.skipped}, failed {r.failed} "
-                   f"in {r.seconds:.1f}s -> {r.store}")
-        for reason, n in sorted(r.failure_reasons.items()):
-            click.echo(f"  failed {n}x  {reason}")
+    for line in summary_lines(results):
+        click.echo(line)
 
 
 @main.command()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from csv import DictReader
 from pathlib import Path
 
 import h5py
@@ -255,3 +256,162 @@ def test_kill_loop_resumes_exactly(tmp_path, text_config):
     verify = subprocess.run([sys.executable, "-m", "emofuse.cli", "cache", "verify", str(cache)],
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# --- item 3: hostile media and text -----------------------------------------------------------------
+
+MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[2:]); "
+           "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+           "sys.exit(r.returncode)")
+
+
+def run_measured(cmd: list[str], rss_file: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` under a small wrapper whose only child it is: the wrapper's RUSAGE_CHILDREN peak is the
+    command's own peak RSS (ours would include every child this pytest process ever had). In MB."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(rss_file), *cmd], capture_output=True, text=True,
+                         env=CHILD_ENV, timeout=900)
+    return out, int(rss_file.read_text()) / 1024
+
+
+def hostile_corpus(root: Path) -> tuple[Path, dict, str]:
+    """A manifest of broken, empty, huge and odd inputs plus one ordinary utterance. Returns the CSV,
+    {(modality, id): the start of the expected failure, or None for features}, and the long transcript."""
+    import av
+    import soundfile as sf
+
+    from tests.test_media import write_mp4
+
+    sr, rng = 16000, np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    speech = (0.1 * rng.standard_normal(2 * sr)).astype(np.float32)
+    sf.write(root / "full.wav", speech, sr, subtype="PCM_16")
+    data = (root / "full.wav").read_bytes()
+    (root / "truncated.wav").write_bytes(data[: len(data) // 2])  # a download cut in half
+    (root / "zero.wav").write_bytes(b"")
+    sf.write(root / "header_only.wav", np.zeros(0, np.float32), sr, subtype="PCM_16")
+    nan = speech.copy()
+    nan[1000:1100] = np.nan
+    sf.write(root / "nan.wav", nan, sr, subtype="FLOAT")
+    sf.write(root / "silence.wav", np.zeros(2 * sr, np.float32), sr, subtype="PCM_16")
+    with sf.SoundFile(root / "hour.wav", "w", samplerate=sr, channels=1, subtype="PCM_16") as f:
+        for _ in range(60):  # an hour of low noise, a minute at a time (115 MB)
+            f.write((0.01 * rng.standard_normal(60 * sr)).astype(np.float32))
+
+    clip = sorted((DEMO_ROOT / "video").glob("*.mp4"))[0]
+    (root / "random.mp4").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (root / "cut.mp4").write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    with av.open(str(clip)) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    noise = np.clip(128 + rng.normal(0, 10, (10, *frames.shape[1:])), 0, 255).astype(np.uint8)
+    write_mp4(root / "no_face.mp4", noise)  # grey noise: no face in any frame
+    write_mp4(root / "one_frame.mp4", frames[len(frames) // 2 : len(frames) // 2 + 1])
+
+    demo_row = next(r for r in DictReader(open(DEMO_ROOT / "metadata.csv")))
+    words = "the a happy sad angry office weekend neighbour believe tuesday friend dare this me about".split()
+    long_text = " ".join(rng.choice(words, 100_000))
+    rows = [  # id, audio, video, text (bytes: one cell is not UTF-8)
+        ("ok", str(DEMO_ROOT / demo_row["audio"]), str(DEMO_ROOT / demo_row["video"]), demo_row["text"].encode()),
+        ("truncated_wav", "truncated.wav", "", b""),
+        ("zero_wav", "zero.wav", "", b""),
+        ("header_only_wav", "header_only.wav", "", b""),
+        ("nan_wav", "nan.wav", "", b""),
+        ("silent_wav", "silence.wav", "", b""),
+        ("hour_wav", "hour.wav", "", b""),
+        ("random_mp4", "", "random.mp4", b""),
+        ("cut_mp4", "", "cut.mp4", b""),
+        ("no_face", "", "no_face.mp4", b""),
+        ("one_frame", "", "one_frame.mp4", b""),
+        ("whitespace_text", "", "", b"   "),
+        ("latin1_text", "", "", "caf\u00e9 au lait".encode("latin-1")),
+        ("long_text", "", "", long_text.encode()),
+    ]
+    lines = [b"id,audio,video,text,label,split"]
+    for uid, audio, video, text in rows:
+        lines.append(b",".join([uid.encode(), audio.encode(), video.encode(), b'"' + text + b'"', b"neutral", b"train"]))
+    csv = root / "manifest.csv"
+    csv.write_bytes(b"\n".join(lines) + b"\n")
+
+    expect = {}
+    for uid, audio, video, text in rows:
+        expect["audio", uid] = None if audio or video else "decode: utterance has no audio or video file"
+        expect["text", uid] = None if text.strip() else "text: empty transcript"
+        expect["video", uid] = None if video else "decode: utterance has no video file"
+    expect.update({
+        ("audio", "truncated_wav"): "decode: truncated file: ",
+        ("audio", "zero_wav"): "decode: cannot decode audio of ",
+        ("audio", "header_only_wav"): "decode: no audio samples in ",
+        ("audio", "nan_wav"): "decode: audio contains NaN or Inf values",
+        ("audio", "random_mp4"): "decode: cannot decode audio of ",
+        ("audio", "cut_mp4"): "decode: cannot decode audio of ",
+        ("audio", "no_face"): "decode: no audio stream in ",
+        ("audio", "one_frame"): "decode: no audio stream in ",
+        ("video", "random_mp4"): "decode: cannot decode video of ",
+        ("video", "cut_mp4"): "decode: cannot decode video of ",
+        ("video", "no_face"): "face: no face found in ",
+        ("text", "latin1_text"): "decode: transcript is not valid UTF-8 (byte 0xe9 at character 4; manifest.csv line 14)",
+    })
+    return csv, expect, long_text
+
+
+def test_hostile_inputs_fail_precisely_and_the_run_goes_on(tmp_path):
+    csv, expect, long_text = hostile_corpus(tmp_path / "corpus")
+    cfg = tmp_path / "hostile.yaml"
+    cfg.write_text(
+        f"corpus: {{name: manifest, root: {csv}}}\n"
+        f"extract: {{cache: {tmp_path / 'cache'}, encoders: {{audio: {{backend: opensmile}}, text: {{backend: minilm}}, "
+        f"video: {{backend: dlib, fps: 3, upsample: 0, descriptor_every: 10}}}}}}\n")
+    start = time.perf_counter()
+    out, peak_mb = run_measured([sys.executable, "-m", "emofuse.cli", "extract", str(cfg), "--quiet"],
+                                tmp_path / "rss")
+    seconds = time.perf_counter() - start
+    print(f"\nhostile extraction: {seconds:.0f} s, peak RSS {peak_mb:.0f} MB\n{out.stdout}")
+    assert out.returncode == 0, out.stdout + out.stderr  # the run went on to the end
+    assert "Traceback" not in out.stderr
+
+    stores = {p.parent.name.split("-")[0]: p.parent for p in (tmp_path / "cache" / "manifest").glob("*/store.json")}
+    for modality, store_dir in stores.items():
+        store = FeatureStore(store_dir)
+        failures = store.failures()
+        for (m, uid), reason in expect.items():
+            if m != modality:
+                continue
+            if reason is None:
+                assert uid in store and uid not in failures, (m, uid, failures.get(uid))
+                assert np.isfinite(store.get(uid).astype(np.float32)).all()
+            else:
+                assert uid not in store and uid in failures, (m, uid)
+                got = f"{failures[uid]['stage']}: {failures[uid]['reason']}"
+                assert got.startswith(reason), (m, uid, got)
+                assert "\n" not in got and len(got) < 300, got  # one precise line
+        # The summary counts this run's failures by reason, as failures.jsonl records them.
+        m = re.search(rf"^{modality}: encoded (\d+), skipped 0, failed (\d+) .*\n  failures: (\d+) \((.*)\)$",
+                      out.stdout, re.M)
+        assert m, out.stdout
+        assert int(m.group(1)) == len(store) and int(m.group(2)) == int(m.group(3)) == len(failures)
+        assert sum(int(n) for n in re.findall(r": (\d+)(?:, |$)", m.group(4))) == len(failures)
+        store.close()
+
+    audio, text, video = (FeatureStore(stores[m]) for m in ("audio", "text", "video"))
+    # Silence is a signal like any other; the hour is processed in windows and still gives 100 frames/s,
+    # its first window exactly what one openSMILE pass over that minute gives.
+    assert audio.get("silent_wav").shape[1] == 25
+    hour = audio.get("hour_wav")
+    assert abs(len(hour) - 3600 * 100) <= 10
+    from emofuse.extract.encoders.base import build_encoder
+    from emofuse.corpora.base import Utterance
+
+    enc = build_encoder("audio", {"backend": "opensmile"})
+    first = enc.prepare(Utterance(id="m", audio=str(tmp_path / "corpus" / "hour.wav"), start=0.0, end=60.0))
+    np.testing.assert_array_equal(hour[:5000], first[:5000].astype(np.float16))
+    # The 1-frame video gives one row; the 100,000-word transcript all its tokens (chunked, not cut).
+    assert video.get("one_frame").shape == (1, 264)
+    text_enc = build_encoder("text", {"backend": "minilm"})
+    tokens = text_enc.prepare(Utterance(id="t", text=long_text))
+    assert text.get("long_text").shape == (len(tokens) + 2, 384) and len(tokens) >= 100_000
+    head = text_enc.encode([tokens[: text_enc.max_tokens - 2]])[0]  # the first window on its own
+    np.testing.assert_allclose(text.get("long_text")[:100].astype(np.float32), head[:100], atol=1e-2)
+    for s in (audio, text, video):
+        s.close()
+    # Memory stays bounded: measured ~1.5 GB here (model + one hour of audio held once + the long
+    # transcript's output); one-pass openSMILE alone took 2.7 GB for the hour, one-forward text 3.5 GB.
+    assert peak_mb < 2500, peak_mb

@@ -7,7 +7,7 @@ import torch
 from emofuse.cache.store import FeatureStore
 from emofuse.corpora.base import Utterance
 from emofuse.extract.encoders.base import build_encoder
-from emofuse.extract.pipeline import extract_modality
+from emofuse.extract.pipeline import ModalityResult, count_failure, extract_modality, summary_lines
 from emofuse.fuse.model import SSEFT, FusionConfig
 
 TEXTS = ["I am so happy about this!", "", "We went to the office on Tuesday.", "   ",
@@ -30,6 +30,27 @@ def test_all_layers_cache_and_failures(tmp_path):
     # A second run: nothing to do, failures are not retried.
     again = extract_modality(utterances(), enc, tmp_path, budget=512, progress=False, log=lambda *_: None)
     assert again.encoded == 0 and again.skipped == 6
+
+
+def test_failure_summary_counts_by_reason(tmp_path):
+    enc = build_encoder("text", {"backend": "minilm"})
+    utts = utterances() + [Utterance(id="latin1", unusable={"text": "transcript is not valid UTF-8 (byte 0xe9 ...)"})]
+    result = extract_modality(utts, enc, tmp_path, budget=512, progress=False, log=lambda *_: None)
+    assert result.failed == 3
+    lines = summary_lines([result])
+    assert lines[0].startswith("text: encoded 4, skipped 0, failed 3 in ")
+    assert lines[1] == "  failures: 3 (text: empty transcript: 2, decode: transcript is not valid UTF-8 (byte 0xe9 ...): 1)"
+    assert FeatureStore(result.store).failures()["latin1"]["stage"] == "decode"
+    # A second run skips them and says so.
+    again = extract_modality(utts, enc, tmp_path, budget=512, progress=False, log=lambda *_: None)
+    assert again.failed == 0 and again.failed_before == 3
+    assert "3 utterance(s) that failed in an earlier run were skipped" in summary_lines([again])[1]
+    # One problem in many files is one reason: the utterance's own file name is taken out.
+    counted = ModalityResult("audio", "s")
+    for name in ("a", "b"):
+        utt = Utterance(id=name, audio=f"/data/{name}.wav")
+        count_failure(counted, utt, "decode", f"cannot decode audio of /data/{name}.wav: Invalid data")
+    assert counted.failure_reasons == {"decode: cannot decode audio of <file>: Invalid data": 2}
 
 
 def test_features_independent_of_budget_and_threads(tmp_path):

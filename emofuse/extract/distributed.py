@@ -40,7 +40,7 @@ from emofuse.corpora.base import Corpus, Utterance
 from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import build_encoder, fingerprint
 from emofuse.extract.pipeline import (WINDOW, ModalityResult, _encode_window, _prepare, corpus_cache_dir,
-                                      store_path, write_corpus_index)
+                                      count_failure, store_path, write_corpus_index)
 
 CLIENT_WRITER = "client"  # the client's writer: holds the lock, appends failures, writes no shard
 
@@ -120,9 +120,12 @@ def extract_modality_distributed(client, utterances: list[Utterance], modality: 
         store = FeatureStore(store.path)  # the index as it is now that we hold the lock
         done = set(store.ids())
         if not retry_failures:
-            done |= set(store.failures())
+            earlier = set(store.failures()) - done
+            result.failed_before = sum(1 for u in utterances if u.id in earlier)
+            done |= earlier
         store.close()
         todo = [u for u in utterances if u.id not in done]
+        by_id = {u.id: u for u in todo}
         result.skipped = len(utterances) - len(todo)
         if not todo:
             log(f"{modality}: all {len(utterances)} utterances already in {store.path} (skipped, no encoder work)")
@@ -145,9 +148,7 @@ def extract_modality_distributed(client, utterances: list[Utterance], modality: 
                     result.encoded += encoded
                     for rec in failures:
                         lock_holder.add_failure(rec["id"], rec["stage"], rec["reason"])
-                        result.failed += 1
-                        key = f"{rec['stage']}: {rec['reason']}"
-                        result.failure_reasons[key] = result.failure_reasons.get(key, 0) + 1
+                        count_failure(result, by_id[rec["id"]], rec["stage"], rec["reason"])
                     bar.update(sizes[future.key])
         except BaseException:
             client.cancel(futures)  # e.g. a config error in the encoder: stop the other chunks too

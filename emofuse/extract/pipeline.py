@@ -32,7 +32,34 @@ class ModalityResult:
     skipped: int = 0
     failed: int = 0
     seconds: float = 0.0
-    failure_reasons: dict[str, int] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = field(default_factory=dict)  # "stage: reason" -> count, this run
+    failed_before: int = 0  # utterances skipped because an earlier run recorded them as failures
+
+
+def summary_lines(results: list[ModalityResult]) -> list[str]:
+    """What `emofuse extract` prints at the end: per modality what was done, then this run's
+    failures counted by reason, most frequent first."""
+    lines = []
+    for r in results:
+        lines.append(f"{r.modality}: encoded {r.encoded}, skipped {r.skipped}, failed {r.failed} "
+                     f"in {r.seconds:.1f}s -> {r.store}")
+        if r.failed:
+            counts = sorted(r.failure_reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append(f"  failures: {r.failed} (" + ", ".join(f"{reason}: {n}" for reason, n in counts) + ")")
+        if r.failed_before:
+            lines.append(f"  {r.failed_before} utterance(s) that failed in an earlier run were skipped "
+                         f"(`emofuse cache info {r.store}` lists them; extract.retry_failures=true retries them)")
+    return lines
+
+
+def count_failure(result: ModalityResult, utt: Utterance, stage: str, reason: str) -> None:
+    """Count one failure under its reason. The utterance's own file names are taken out of the key,
+    so that one problem met in many files counts as one reason (failures.jsonl keeps them)."""
+    for path in {utt.audio, utt.video} - {None}:
+        reason = reason.replace(path, "<file>")
+    key = f"{stage}: {reason}"
+    result.failed += 1
+    result.failure_reasons[key] = result.failure_reasons.get(key, 0) + 1
 
 
 def corpus_cache_dir(cache: str | Path, corpus_name: str) -> Path:
@@ -77,7 +104,9 @@ def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: P
     result = ModalityResult(modality, str(store.path))
     done = set(store.ids())
     if not retry_failures:
-        done |= set(store.failures())
+        earlier = set(store.failures()) - done
+        result.failed_before = sum(1 for u in utterances if u.id in earlier)
+        done |= earlier
     todo = [u for u in utterances if u.id not in done]
     result.skipped = len(utterances) - len(todo)
     store.close()
@@ -99,7 +128,7 @@ def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: P
             ready = []
             for utt, item in prepared:
                 if isinstance(item, PrepareError):
-                    _fail(writer, result, utt.id, item.stage, item.reason)
+                    _fail(writer, result, utt, item.stage, item.reason)
                 else:
                     ready.append((utt, item))
             _encode_window(encoder, ready, budget, writer, result)
@@ -110,6 +139,8 @@ def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: P
 
 def _prepare(encoder: Encoder, utt: Utterance):
     try:
+        if encoder.modality in utt.unusable:
+            raise PrepareError("decode", utt.unusable[encoder.modality])
         return utt, encoder.prepare(utt)
     except PrepareError as e:
         return utt, e
@@ -129,13 +160,13 @@ def _encode_window(encoder: Encoder, ready: list, budget: int, writer, result: M
             outputs = _encode_one_by_one(encoder, items)
         for utt, out in zip(utts, outputs):
             if isinstance(out, Exception):
-                _fail(writer, result, utt.id, getattr(out, "stage", "encode"), getattr(out, "reason", str(out)))
+                _fail(writer, result, utt, getattr(out, "stage", "encode"), getattr(out, "reason", str(out)))
                 continue
             try:
                 writer.add(utt.id, out)
                 result.encoded += 1
             except ValueError as e:  # NaN / Inf in the output
-                _fail(writer, result, utt.id, "encode", str(e).split(": ", 1)[-1])
+                _fail(writer, result, utt, "encode", str(e).split(": ", 1)[-1])
 
 
 def _encode_one_by_one(encoder: Encoder, items: list) -> list:
@@ -148,8 +179,6 @@ def _encode_one_by_one(encoder: Encoder, items: list) -> list:
     return outputs
 
 
-def _fail(writer, result: ModalityResult, uid: str, stage: str, reason: str) -> None:
-    writer.add_failure(uid, stage, reason)
-    result.failed += 1
-    key = f"{stage}: {reason}"
-    result.failure_reasons[key] = result.failure_reasons.get(key, 0) + 1
+def _fail(writer, result: ModalityResult, utt: Utterance, stage: str, reason: str) -> None:
+    writer.add_failure(utt.id, stage, reason)
+    count_failure(result, utt, stage, reason)
