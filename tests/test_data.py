@@ -7,8 +7,9 @@ import pytest
 
 from emofuse.cache.store import FeatureStore
 from emofuse.corpora.base import Protocol, Utterance, write_utterances
+from emofuse.errors import UserError
 from emofuse.extract.encoders.base import fingerprint
-from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches
+from emofuse.fuse.data import CachedData, Normalizer, collate, find_store, make_batches
 
 
 @pytest.fixture()
@@ -63,3 +64,61 @@ def test_batches_cover_every_id_once(cache):
         assert sorted(i for b in batches for i in b) == sorted(ids)
     first = make_batches(ids, lengths, 5, False)
     assert first == make_batches(ids, lengths, 5, False)  # evaluation order is fixed
+
+
+# --- stale or foreign caches: refused, with both fingerprints and the settings that differ ---------
+
+def test_store_of_other_settings_is_refused_naming_what_differs(tmp_path):
+    from emofuse.extract.encoders.base import build_encoder
+
+    made = build_encoder("text", {"backend": "minilm"}).full_spec()  # layer -1
+    store = FeatureStore.create(tmp_path / "text-minilm-made", "text", made, fingerprint(made), dim=384)
+    with store.writer() as w:
+        w.add("u0", np.zeros((3, 384), np.float32))
+    wanted = build_encoder("text", {"backend": "minilm", "layer": 3}).full_spec()
+    with pytest.raises(UserError) as e:
+        find_store(tmp_path, "text", {"backend": "minilm", "layer": 3})
+    msg = str(e.value)
+    assert "the closest, text-minilm-made (fingerprint " + fingerprint(made)[:12] + ")" in msg
+    assert "differs in layer: config 3, store -1;" in msg
+    assert "the config's settings give fingerprint " + fingerprint(wanted)[:12] in msg
+    assert "\n" not in msg
+    # Where and how an encoder runs is not a setting of its features: the store serves a CPU config.
+    assert find_store(tmp_path, "text", {"backend": "minilm", "device": "cpu"}).path == store.path
+
+
+def test_refusal_when_the_configs_encoder_cannot_be_built_here(tmp_path):
+    spec = {"backend": "toy-audio", "dim": 5, "checkpoint_sha256": "a" * 64}
+    for name, sha in (("audio-toy-1", "a" * 64), ("audio-toy-2", "b" * 64)):
+        s = dict(spec, checkpoint_sha256=sha)
+        FeatureStore.create(tmp_path / name, "audio", s, fingerprint(s), dim=5)
+    with pytest.raises(UserError) as e:  # a toy backend: the config's fingerprint is not computable
+        find_store(tmp_path, "audio", {"backend": "toy-audio", "dim": 6})
+    msg = str(e.value)
+    assert "differs in dim: config 6, store 5;" in msg and "unknown encoder backend 'toy-audio'" in msg
+    with pytest.raises(UserError) as e:  # both match what the config names: which one is meant?
+        find_store(tmp_path, "audio", {"backend": "toy-audio"})
+    msg = str(e.value)
+    assert "several audio stores" in msg and "differing in checkpoint_sha256" in msg
+    assert fingerprint(dict(spec, checkpoint_sha256="b" * 64))[:12] in msg
+
+
+def test_model_and_cache_fingerprints_must_agree(cache, tmp_path):
+    from emofuse.fuse.evaluate import check_fingerprints
+
+    path, encoders = cache
+    data = CachedData(path, encoders, ["audio", "text"])
+    seed = tmp_path / "seed-0"
+    seed.mkdir()
+    trained = {"backend": "toy-audio", "dim": 5, "layer": 6}  # the cache's store has no layer 6
+    (seed / "model.json").write_text(json.dumps({
+        "fingerprints": {"audio": fingerprint(trained), "text": data.fingerprints()["text"]},
+        "encoders": {"audio": trained, "text": data.stores["text"].spec}}))
+    with pytest.raises(UserError) as e:
+        check_fingerprints(seed, data)
+    msg = str(e.value)
+    assert f"fingerprint {fingerprint(trained)[:12]}, the cache has {data.fingerprints()['audio'][:12]}" in msg
+    assert "(layer: model 6, cache (not set))" in msg
+    (seed / "model.json").write_text(json.dumps({"fingerprints": data.fingerprints(),
+                                                 "encoders": {m: s.spec for m, s in data.stores.items()}}))
+    check_fingerprints(seed, data)  # agreeing: no error

@@ -415,3 +415,25 @@ def test_hostile_inputs_fail_precisely_and_the_run_goes_on(tmp_path):
     # Memory stays bounded: measured ~1.5 GB here (model + one hour of audio held once + the long
     # transcript's output); one-pass openSMILE alone took 2.7 GB for the hour, one-forward text 3.5 GB.
     assert peak_mb < 2500, peak_mb
+
+
+# --- item 5: stale or foreign caches ---------------------------------------------------------------
+
+def test_train_refuses_a_store_of_other_encoder_settings(tmp_path, text_config):
+    first = run_extract(tmp_path, text_config)
+    assert first.returncode == 0, first.stderr
+    made = text_store(tmp_path)
+    made.close()
+    cmd = [sys.executable, "-m", "emofuse.cli", "train", text_config, "model.modalities=[text]",
+           f"train.runs={tmp_path / 'runs'}", "train.epochs=1", "train.num_threads=1", "--quiet"]
+    refused = subprocess.run([*cmd, "extract.encoders.text.layer=3"], capture_output=True, text=True,
+                             env=CHILD_ENV, timeout=300)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    line = refused.stderr.strip()
+    assert line.startswith("error: no text feature store") and "\n" not in line and "Traceback" not in line
+    assert f"(fingerprint {made.fingerprint[:12]}), differs in layer: config 3, store -1;" in line
+    assert "the config's settings give fingerprint " in line
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/seed-*/model.json"))
+    # The settings it was made with are accepted, and nothing was mixed in.
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -32,10 +32,25 @@ class CacheError(UserError):
     pass
 
 
-def spec_differences(a: dict, b: dict) -> list[str]:
-    """Human-readable list of the settings in which two encoder specs differ."""
+def spec_differences(a: dict, b: dict, names: tuple[str, str] | None = None) -> list[str]:
+    """Human-readable list of the settings in which two encoder specs differ: "layer: 6 vs 12", or
+    with names ("config", "store"): "layer: config 6, store 12"."""
     keys = sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    if names is None:
+        return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {names[0]} {_shown(a, k)}, {names[1]} {_shown(b, k)}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _shown(spec: dict, key: str) -> str:
+    """A setting's value for a message: sha256 digests cut to 12 characters (enough to tell two apart)."""
+    if key not in spec:
+        return "(not set)"
+    value = spec[key]
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(value, k)}" for k in value) + "}"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    return repr(value)
 
 
 class FeatureStore:

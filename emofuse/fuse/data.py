@@ -15,25 +15,73 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emofuse.cache.store import FeatureStore
+from emofuse.cache.store import FeatureStore, spec_differences
 from emofuse.corpora.base import Protocol, Utterance, read_utterances
 from emofuse.errors import UserError
+from emofuse.extract.encoders.base import RUNTIME_OPTIONS, build_encoder, fingerprint
 
 
 def find_store(cache_dir: Path, modality: str, spec: dict) -> FeatureStore:
     """The store in `cache_dir` made for `modality` with an encoder whose full spec agrees with
-    every setting given in `spec` (the config names a few settings; store.json has them all)."""
-    candidates = []
+    every setting given in `spec` (the config names a few settings; store.json has them all).
+    A store made with other settings is never used: the error names it, both fingerprints and
+    the settings that differ."""
+    spec = {k: v for k, v in spec.items() if k not in RUNTIME_OPTIONS}
+    candidates, others = [], []
     for meta_path in sorted(Path(cache_dir).glob(f"{modality}-*/store.json")):
-        full = json.loads(meta_path.read_text())["encoder"]
+        try:
+            meta = json.loads(meta_path.read_text())
+            full = meta["encoder"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{meta_path}: unreadable store.json ({e}); remove that store and extract again") from None
         if all(full.get(k) == v for k, v in spec.items()):
             candidates.append(meta_path.parent)
+        else:
+            others.append((meta_path.parent, meta))
+    if not candidates and not others:
+        raise UserError(f"no {modality} feature store in {cache_dir}; run `emofuse extract` with this config first")
     if not candidates:
-        raise UserError(f"no {modality} feature store in {cache_dir} matches encoder {spec}; run `emofuse extract` first")
+        raise UserError(_no_match_message(cache_dir, modality, spec, others))
     if len(candidates) > 1:
-        names = ", ".join(p.name for p in candidates)
-        raise UserError(f"several {modality} stores in {cache_dir} match {spec} ({names}); name more encoder settings")
+        metas = [json.loads((p / "store.json").read_text()) for p in candidates]
+        names = ", ".join(f"{p.name} (fingerprint {m['fingerprint'][:12]})" for p, m in zip(candidates, metas))
+        differ = sorted({k for m in metas[1:] for k in set(m["encoder"]) | set(metas[0]["encoder"])
+                         if m["encoder"].get(k) != metas[0]["encoder"].get(k)})
+        raise UserError(f"several {modality} stores in {cache_dir} match {spec}: {names}, differing in "
+                        f"{', '.join(differ)}; name more encoder settings in the config, or remove the stale store")
     return FeatureStore(candidates[0])
+
+
+def _no_match_message(cache_dir: Path, modality: str, spec: dict, others: list[tuple[Path, dict]]) -> str:
+    """Which store comes closest to the config's encoder settings, its fingerprint, the config's
+    fingerprint (when the encoder can be built here), and each setting that differs."""
+    full, why_not = config_full_spec(modality, spec)
+    wanted = full if full is not None else spec  # all settings when known, else the ones the config names
+
+    def differing(meta: dict) -> list[str]:
+        store_spec = meta["encoder"] if full is not None else {k: meta["encoder"].get(k) for k in spec}
+        return spec_differences(wanted, store_spec, ("config", "store"))
+
+    path, meta = min(others, key=lambda pm: len(differing(pm[1])))
+    if full is not None:
+        ours = f"the config's settings give fingerprint {fingerprint(full)[:12]}"
+    else:
+        ours = f"the config's fingerprint is not known here ({why_not})"
+    return (f"no {modality} feature store in {cache_dir} was made with the config's encoder settings {spec}: "
+            f"the closest, {path.name} (fingerprint {meta['fingerprint'][:12]}), differs in "
+            f"{'; '.join(differing(meta)) or 'settings the config does not name'}; {ours}. Run `emofuse "
+            f"extract` with this config, or set the config's encoder to the store's settings")
+
+
+def config_full_spec(modality: str, spec: dict) -> tuple[dict | None, str]:
+    """The full spec (every default, checkpoint hashes) of the config's encoder, by building it: only
+    on this error path, as it loads the model. (None, why) when it cannot be built here."""
+    try:
+        return build_encoder(modality, spec).full_spec(), ""
+    except UserError as e:  # a missing backend, package or checkpoint: the rest of the message still helps
+        return None, str(e)
+    except Exception as e:  # only a diagnostic: whatever stops the build must not hide the real error
+        return None, f"{type(e).__name__}: {e}"
 
 
 def load_protocol(cache_dir: Path) -> Protocol:

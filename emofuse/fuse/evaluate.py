@@ -71,13 +71,20 @@ def seed_dirs(run: Path) -> list[Path]:
 
 
 def check_fingerprints(seed_dir: Path, data) -> None:
-    """A model is only ever applied to features made with the encoder settings it was trained on."""
-    trained = json.loads((seed_dir / "model.json").read_text())["fingerprints"]
-    for m, fp in trained.items():
+    """A model is only ever applied to features made with the encoder settings it was trained on;
+    a mismatch names both fingerprints and each setting that differs (model.json keeps the specs)."""
+    from emofuse.cache.store import spec_differences
+
+    info = json.loads((seed_dir / "model.json").read_text())
+    for m, fp in info["fingerprints"].items():
         have = data.fingerprints().get(m)
         if have != fp:
-            raise UserError(f"{seed_dir}: trained on {m} features with fingerprint {fp[:12]}, "
-                            f"the cache has {str(have)[:12]}; re-extract with the run's encoder settings")
+            trained_spec, store = info.get("encoders", {}).get(m), data.stores.get(m)
+            diff = ("; ".join(spec_differences(trained_spec, store.spec, ("model", "cache")))
+                    if trained_spec is not None and store is not None else "")
+            raise UserError(f"{seed_dir}: trained on {m} features with fingerprint {fp[:12]}, the cache has "
+                            f"{str(have)[:12]}{f' ({diff})' if diff else ''}; re-extract with the run's encoder "
+                            f"settings")
 
 
 def evaluate_run(run: Path, log=print) -> dict:

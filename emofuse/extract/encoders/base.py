@@ -24,6 +24,10 @@ from emofuse.errors import UserError
 
 _REGISTRY: dict[str, type["Encoder"]] = {}
 
+# Spec options that say where or how an encoder runs, not what it computes: they are not in any
+# full_spec(), so a store made on a GPU serves a config that says device: cpu.
+RUNTIME_OPTIONS = ("device", "trust_checkpoint")
+
 
 def register(name: str):
     def deco(cls):
