@@ -68,6 +68,9 @@ class TrainConfig:
     max_frames: int = 0  # 0 = keep all frames; else evenly subsample longer sequences (train and test alike)
     num_threads: int = 0  # torch threads; 0 = torch's default
     preload_gb: float = 4.0  # load all features into memory when they fit; else read per batch from HDF5
+    # Standardise each speaker's features with that speaker's own statistics first (labels unused;
+    # a test speaker's unlabelled features included): usual for leave-one-speaker-out speech emotion.
+    speaker_norm: bool = False
     tensorboard: bool = False  # also log each epoch to <run>/seed-<s>/tensorboard (needs emofuse[tensorboard])
 
 

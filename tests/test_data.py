@@ -122,3 +122,29 @@ def test_model_and_cache_fingerprints_must_agree(cache, tmp_path):
     (seed / "model.json").write_text(json.dumps({"fingerprints": data.fingerprints(),
                                                  "encoders": {m: s.spec for m, s in data.stores.items()}}))
     check_fingerprints(seed, data)  # agreeing: no error
+
+
+def test_per_speaker_standardization(tmp_path):
+    """train.speaker_norm: each utterance is standardised with its own speaker's statistics, so a
+    speaker's offset (a voice, a microphone) disappears; the labels are never read."""
+    rng = np.random.default_rng(0)
+    utts = [Utterance(id=f"u{i}", speaker=f"s{i % 2}", split="train", labels={"emotion": "a"}) for i in range(10)]
+    write_utterances(utts, tmp_path / "utterances.jsonl")
+    (tmp_path / "protocol.json").write_text(json.dumps(vars(Protocol("toy", "emotion", classes=["a"]))))
+    spec = {"backend": "toy-audio", "dim": 3}
+    store = FeatureStore.create(tmp_path / "audio-toy", "audio", spec, fingerprint(spec), dim=3)
+    with store.writer() as w:
+        for i, u in enumerate(utts):
+            offset = 100.0 if u.speaker == "s1" else -5.0
+            w.add(u.id, (offset + rng.standard_normal((4, 3))).astype(np.float32))
+    data = CachedData(tmp_path, {"audio": {"backend": "toy-audio"}}, ["audio"])
+    raw = {u.id: data.features["audio"][u.id].astype(np.float64) for u in utts}
+    data.standardize_per_speaker()
+    for spk in ("s0", "s1"):
+        ids = [u.id for u in utts if u.speaker == spk]
+        frames = np.concatenate([data.features["audio"][i] for i in ids])
+        np.testing.assert_allclose(frames.mean(0), 0, atol=1e-3)
+        np.testing.assert_allclose(frames.std(0), 1, atol=1e-2)
+        mean, std = np.concatenate([raw[i] for i in ids]).mean(0), np.concatenate([raw[i] for i in ids]).std(0)
+        np.testing.assert_allclose(data.features["audio"][ids[0]], (raw[ids[0]] - mean) / std, atol=1e-2)
+    assert data.features["audio"].get("nope") is None and len(data.features["audio"]) == 10

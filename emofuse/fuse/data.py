@@ -156,6 +156,22 @@ class StoreFeatures(Mapping):
         return len(self.store)
 
 
+class SpeakerStandardized(Mapping):
+    """One modality's {id: features}, each utterance standardised with its speaker's statistics."""
+
+    def __init__(self, by_id: Mapping, modality: str, speaker_of: dict[str, str], stats: dict[str, Normalizer]):
+        self.by_id, self.modality, self.speaker_of, self.stats = by_id, modality, speaker_of, stats
+
+    def __getitem__(self, uid: str) -> np.ndarray:
+        return self.stats[self.speaker_of[uid]](self.modality, self.by_id[uid])
+
+    def __iter__(self):
+        return iter(self.by_id)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
 class CachedData:
     """Everything a run needs from the cache: features per modality, labels, splits."""
 
@@ -183,6 +199,25 @@ class CachedData:
         self.preloaded = total <= preload_gb * (1 << 30)
         self.features: dict[str, Mapping] = {
             m: s.load_all() if self.preloaded else StoreFeatures(s) for m, s in self.stores.items()}
+
+    def standardize_per_speaker(self) -> None:
+        """Standardise every utterance with its own speaker's feature statistics (mean and std over
+        all of that speaker's utterances and frames, labels unused), before the train-split
+        Normalizer. Usual in leave-one-speaker-out speech emotion work (Emo-DB, IEMOCAP): it removes
+        voice and recording differences between speakers. For a test speaker it reads that
+        speaker's unlabelled test features, so it is off unless a config asks (train.speaker_norm)."""
+        by_speaker: dict[str, list[str]] = {}
+        for u in self.utterances:
+            if u.speaker is None:
+                raise UserError(f"train.speaker_norm needs a speaker for every utterance; {u.id} has none")
+            by_speaker.setdefault(u.speaker, []).append(u.id)
+        speaker_of = {u.id: u.speaker for u in self.utterances}
+        standardized = {}
+        for m, by_id in self.features.items():
+            stats = {spk: Normalizer.fit({m: by_id}, ids) for spk, ids in by_speaker.items()
+                     if any(by_id.get(i) is not None for i in ids)}  # a speaker may lack a modality
+            standardized[m] = SpeakerStandardized(by_id, m, speaker_of, stats)
+        self.features = standardized
 
     def length(self, uid: str) -> int:
         """Frames of an utterance over all modalities, for length bucketing (no feature read)."""

@@ -46,6 +46,9 @@ def predict_media(run: Path, media: str | None = None, text: str | None = None, 
     """`media` is an audio-visual file used for both audio and video; `audio`/`video` override it."""
     run = Path(run)
     cfg = load_run_config(run)
+    if cfg.train.speaker_norm:
+        raise UserError(f"{run} was trained with train.speaker_norm (features standardised per speaker): "
+                        f"one clip of an unknown speaker cannot be standardised that way; use a run without it")
     for p in (media, audio, video):
         if p is not None and not Path(p).is_file():
             raise UserError(f"media file not found: {p}")

@@ -61,8 +61,11 @@ def load_data(cfg: Config, modalities: list[str] | None = None) -> CachedData:
         corpus = load_corpus(cfg.corpus, progress=False)
         utterances, protocol = corpus.utterances, corpus.protocol
         cache_dir = Path(cfg.extract.cache) / corpus.name  # a manifest corpus may name itself
-    return CachedData(cache_dir, cfg.extract.encoders, modalities, preload_gb=cfg.train.preload_gb,
+    data = CachedData(cache_dir, cfg.extract.encoders, modalities, preload_gb=cfg.train.preload_gb,
                       utterances=utterances, protocol=protocol)
+    if cfg.train.speaker_norm:
+        data.standardize_per_speaker()
+    return data
 
 
 def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
