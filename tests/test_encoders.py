@@ -463,6 +463,22 @@ def test_hf_bfloat16_is_close(tiny, tmp_path):
     assert bf16.full_spec()["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("name, modality", [("w2v_layer", "audio"), ("bert", "text")])
+def test_hf_precast_weights_equal_plain_autocast(tiny, tmp_path, name, modality):
+    """bf16 weights stored once give exactly what autocast gives when it casts them every forward."""
+    from emofuse.extract.encoders.hf import precast_for_autocast
+
+    enc = build_encoder(modality, {"backend": "hf", "path": tiny[name], "dtype": "bfloat16"})
+    assert any(p.dtype == torch.bfloat16 for p in enc.model.parameters())
+    u = wav_utt(tmp_path, "a", 1.0) if modality == "audio" else Utterance(id="t", text="a short test sentence")
+    precast = enc.encode([enc.prepare(u)])[0]
+    enc.model.float()  # back to float32 weights: autocast casts them on every call, as before
+    assert all(p.dtype == torch.float32 for p in enc.model.parameters())
+    plain = enc.encode([enc.prepare(u)])[0]
+    np.testing.assert_array_equal(precast, plain)
+    assert precast_for_autocast(enc.model, torch.bfloat16) > 0
+
+
 def test_hf_errors(tiny, tmp_path):
     for path in [str(tmp_path / "nowhere"), "facebook/wav2vec2-base"]:
         with pytest.raises(UserError, match="does not exist") as e:

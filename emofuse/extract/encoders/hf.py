@@ -80,6 +80,26 @@ def exact_float32(device: str):
         torch.set_float32_matmul_precision(previous)
 
 
+def precast_for_autocast(model: torch.nn.Module, dtype) -> int:
+    """Store the weights of Linear and Conv layers in the autocast dtype once, instead of letting
+    autocast cast them on every forward (frozen weights are never cached by autocast: it caches
+    only tensors that require grad). Autocast would feed exactly these bf16/fp16 copies to the
+    same ops, so the outputs are bit-identical; on a CPU the recasting was ~38% of a wav2vec2-base
+    forward. Layers whose weight is recomputed each call (weight norm) stay float32.
+    Returns the number of layers converted."""
+    converted = 0
+    for module in model.modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+            continue
+        if hasattr(module, "weight_g") or hasattr(module, "parametrizations"):
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+        converted += 1
+    return converted
+
+
 def precision(autocast_dtype, device: str):
     """The numeric context of a frozen forward: exact float32, or autocast to a lower precision."""
     if autocast_dtype is None:
@@ -154,6 +174,8 @@ class HFEncoder(Encoder):
         except (OSError, ValueError) as e:
             raise UserError(f"hf encoder: cannot load the model in {folder}: {e}") from None
         self.model.eval().requires_grad_(False).to(self.device)
+        if DTYPES[dtype] is not None:
+            precast_for_autocast(self.model, DTYPES[dtype])
 
         if self.modality == "text":
             self._init_text(folder, max_tokens, overlap)
