@@ -539,3 +539,22 @@ def test_face_side_picks_the_speakers_half(dlib_enc, tmp_path):
     with pytest.raises(PrepareError) as e:  # the right half is empty: no face there
         dlib_enc.prepare(Utterance(id="r", video=str(path), labels={"face_side": "right"}))
     assert e.value.stage == "face"
+
+
+def test_gpu_autocast_context_avoids_cudnn_attention():
+    """On a GPU, lower-precision forwards run without cuDNN's attention (it re-plans for every new
+    sequence length); the setting is scoped to the forward. Checked through torch's flags, which
+    exist on a CPU-only build too."""
+    import warnings
+
+    from emofuse.extract.encoders.hf import precision
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": autocast for cuda is then a no-op
+        with precision(torch.bfloat16, "cuda:0"):
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with precision(torch.bfloat16, "cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # nothing changes on the CPU

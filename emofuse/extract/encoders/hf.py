@@ -104,7 +104,16 @@ def precision(autocast_dtype, device: str):
     """The numeric context of a frozen forward: exact float32, or autocast to a lower precision."""
     if autocast_dtype is None:
         return exact_float32(device)
-    return torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype))
+    if device.startswith("cuda"):
+        # With bf16/fp16 inputs PyTorch picks cuDNN's attention, which builds a new plan for every
+        # new sequence length; clips of varying length made it 20x slower on an H200
+        # (bench/results/gpu_sdpa_check.txt). Flash / memory-efficient attention have no such cost.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+    return stack
 
 
 def _split_by_budget(items: list[int], lengths: list[int], budget: int) -> list[list[int]]:
