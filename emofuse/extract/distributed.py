@@ -17,8 +17,9 @@ has one writer, as in the local pipeline. Resume works the same: ids already in 
 in failures.jsonl) are not pending; a retried task (its worker died) first skips the ids that are
 already in complete shards, such as those its earlier attempt wrote.
 
-Each utterance goes through exactly the steps of the local pipeline (windows of WINDOW utterances,
-length buckets under the batch budget), so with the default chunk size (a multiple of WINDOW) the
+Each utterance goes through exactly the steps of the local pipeline (windows of the encoder's
+window_utterances, length buckets under the batch budget), so with the default chunk size (a
+multiple of that window) the
 batches, and the numbers, are those of a single-process run (given the same torch thread count:
 with more threads a matrix product may sum in another order).
 """
@@ -39,7 +40,7 @@ from emofuse.cache.store import FeatureStore, ShardWriter
 from emofuse.corpora.base import Corpus, Utterance
 from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import build_encoder, fingerprint
-from emofuse.extract.pipeline import (WINDOW, ModalityResult, _encode_window, _prepare, corpus_cache_dir,
+from emofuse.extract.pipeline import (ModalityResult, _encode_window, _prepare, corpus_cache_dir,
                                       count_failure, store_path, write_corpus_index)
 
 CLIENT_WRITER = "client"  # the client's writer: holds the lock, appends failures, writes no shard
@@ -51,7 +52,7 @@ def extract_distributed(cfg, corpus: Corpus, client_or_address=None, n_workers: 
 
     client_or_address: a dask.distributed Client, a scheduler address ("tcp://host:8786"), or None
     for a LocalCluster of `n_workers` processes with one thread each. chunk_size: utterances per
-    task (default: a multiple of WINDOW giving each worker about 4 tasks per modality). torch_threads:
+    task (default: a multiple of the encoder's window giving each worker about 4 tasks per modality). torch_threads:
     torch threads in each worker (dask's nanny sets OMP_NUM_THREADS=1; a LocalCluster defaults to its
     share of this machine's cores).
     """
@@ -134,7 +135,8 @@ def extract_modality_distributed(client, utterances: list[Utterance], modality: 
             log(f"{modality}: skipping {result.skipped} utterances already done, encoding {len(todo)}")
 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        size = chunk_size or WINDOW * max(1, math.ceil(len(todo) / (WINDOW * 4 * n_workers)))
+        window = described["window"]
+        size = chunk_size or window * max(1, math.ceil(len(todo) / (window * 4 * n_workers)))
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
         start = time.perf_counter()
         futures = [client.submit(encode_chunk, modality, spec, str(store.path), f"w{k}", chunk, budget, workers,
@@ -178,7 +180,7 @@ def worker_encoder(modality: str, spec: dict, torch_threads: int | None):
 def describe_encoder(modality: str, spec: dict, torch_threads: int | None = None) -> dict:
     encoder = worker_encoder(modality, spec, torch_threads)
     return {"spec": encoder.full_spec(), "dim": encoder.dim, "fps": encoder.fps,
-            "layers": getattr(encoder, "layers_out", 1)}
+            "layers": getattr(encoder, "layers_out", 1), "window": encoder.window_utterances}
 
 
 class WorkerWriter(ShardWriter):
@@ -209,7 +211,8 @@ def encode_chunk(modality: str, spec: dict, path: str, writer_name: str, chunk: 
     store.close()
 
     result = ModalityResult(modality, path)
-    windows = [chunk[i : i + WINDOW] for i in range(0, len(chunk), WINDOW)]
+    size = encoder.window_utterances
+    windows = [chunk[i : i + size] for i in range(0, len(chunk), size)]
     with WorkerWriter(store, writer_name, shard_bytes) as writer, ThreadPoolExecutor(max(1, workers)) as pool:
         pending = [pool.submit(_prepare, encoder, u) for u in windows[0]] if windows else []
         for k, window in enumerate(windows):

@@ -21,7 +21,8 @@ from emofuse.errors import PrepareError, UserError
 from emofuse.extract.batching import length_batches
 from emofuse.extract.encoders.base import Encoder, build_encoder, fingerprint, tag
 
-WINDOW = 64  # utterances prepared together; the next window is prepared while this one encodes
+# Utterances are prepared a window at a time (encoder.window_utterances; sorted by length into
+# batches); the next window is prepared while this one encodes.
 
 
 @dataclass
@@ -117,7 +118,8 @@ def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: P
         log(f"{modality}: skipping {result.skipped} utterances already done, encoding {len(todo)}")
 
     start = time.perf_counter()
-    windows = [todo[i : i + WINDOW] for i in range(0, len(todo), WINDOW)]
+    size = encoder.window_utterances
+    windows = [todo[i : i + size] for i in range(0, len(todo), size)]
     with store.writer(writer_name, shard_bytes) as writer, ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(todo), desc=f"extract {modality}", unit="utt", disable=not progress) as bar:
         pending = [pool.submit(_prepare, encoder, u) for u in windows[0]]

@@ -44,6 +44,9 @@ class Encoder:
     dim: int = 0  # D of the output
     fps: float | None = None  # output frames per second of media; None for text tokens
     layers_out: int = 1  # L of (T, L, D) outputs when every hidden state is kept (layer: all)
+    # Utterances prepared together and sorted by length into batches: the more, the less padding,
+    # at the cost of holding that many prepared items in memory (waveforms, face crops).
+    window_utterances: int = 64
 
     def full_spec(self) -> dict:
         raise NotImplementedError
