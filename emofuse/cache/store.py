@@ -123,22 +123,29 @@ class FeatureStore:
         return cls(path)
 
     def _open_shards(self) -> None:
-        for p in sorted(self.path.glob("*.h5")):
-            if not SHARD_RE.match(p.name):
-                continue
-            try:
-                shard = Shard(p)
-            except ShardError as e:
-                raise CacheError(str(e)) from None
-            if shard.fingerprint != self.fingerprint:
-                raise CacheError(f"{p}: shard fingerprint {shard.fingerprint[:12]} is not the store's {self.fingerprint[:12]}")
-            k = len(self.shards)
-            for i, uid in enumerate(shard.ids):
-                if uid in self.index:
-                    other = self.shards[self.index[uid][0]].path.name
-                    raise CacheError(f"{p}: id {uid!r} is also in {other}")
-                self.index[uid] = (k, i)
-            self.shards.append(shard)
+        try:
+            for p in sorted(self.path.glob("*.h5")):
+                if not SHARD_RE.match(p.name):
+                    continue
+                try:
+                    shard = Shard(p)
+                except ShardError as e:
+                    raise CacheError(str(e)) from None
+                self.shards.append(shard)  # before the checks: closed with the others if one fails
+                if shard.fingerprint != self.fingerprint:
+                    raise CacheError(f"{p}: shard fingerprint {shard.fingerprint[:12]} is not the store's "
+                                     f"{self.fingerprint[:12]}")
+                k = len(self.shards) - 1
+                for i, uid in enumerate(shard.ids):
+                    if uid in self.index:
+                        other = self.shards[self.index[uid][0]].path.name
+                        raise CacheError(f"{p}: id {uid!r} is also in {other}")
+                    self.index[uid] = (k, i)
+        except CacheError:
+            # HDF5 keeps a file that is still open in this process and hands its cached state to the
+            # next open of the same path: a refused store must not leave any shard open.
+            self.close()
+            raise
 
     def close(self) -> None:
         for s in self.shards:
@@ -172,7 +179,10 @@ class FeatureStore:
         """Every utterance in memory, read shard by shard (one sequential read each)."""
         out = {}
         for shard in self.shards:
-            feats = shard.read_all()
+            try:
+                feats = shard.read_all()
+            except ShardError as e:
+                raise CacheError(f"{e}; `emofuse cache verify {self.path}` lists every problem") from None
             for i, uid in enumerate(shard.ids):
                 out[uid] = feats[shard.offsets[i] : shard.offsets[i + 1]]
         return out
