@@ -47,7 +47,8 @@ def table_metrics(task: str, summary: dict) -> list[str]:
 
 # Published numbers to print beside ours, by protocol name: the paper this toolkit reproduces.
 # Siriwardhana et al. 2020 (SSE-FT, all three modalities), CMU-MOSI test split. Its Acc-2 and F1
-# are placed under the non-zero convention, the one MulT's evaluation code uses.
+# are the non-zero convention: the SSE-FT code's criterion scores them with exclude_zero=True,
+# as MulT's evaluation code does.
 PAPER = {
     "mosi-sentiment-regression": {
         "source": "SSE-FT paper, ATV (Siriwardhana et al. 2020)",
