@@ -23,7 +23,8 @@ class Group(click.Group):
         except UserError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            # One line whatever the message holds (a key or path with a newline in it, say).
+            click.echo("error: " + " ".join(str(e).splitlines()), err=True)
             sys.exit(2)
 
 

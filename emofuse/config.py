@@ -2,21 +2,24 @@
 
     emofuse train configs/demo.yaml train.epochs=40 model.preset=paper
 
-The schema is the dataclasses below; OmegaConf checks every key and type against it, and we turn
-its errors into one clear line (exit code 2 at the CLI).
+The schema is the dataclasses below; OmegaConf checks every key and type against it, check_values()
+the ranges types cannot express, and every mistake becomes one clear line (exit code 2 at the CLI).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from emofuse.errors import UserError
-from emofuse.fuse.model import Architecture
+from emofuse.fuse.model import MODALITIES, Architecture
 
 
 @dataclass
@@ -85,29 +88,142 @@ class Config:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """YAML file + dotted overrides -> a checked Config. Every mistake is one UserError line."""
     schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        layers.append(_file_layer(path))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (e.g. train.epochs=20)")
+        try:  # one at a time, so that an error names its override
+            layers.append(OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: YAML syntax error{_yaml_where(e)}") from None
+        except OmegaConfBaseException as e:
+            raise UserError(f"override {item!r}: {_first_line(e)}") from None
+        except Exception as e:  # OmegaConf's key parser fails on some malformed keys with IndexError & co
+            raise UserError(f"override {item!r}: not a key=value OmegaConf can read ({type(e).__name__}: "
+                            f"{_first_line(e)}); keys look like train.epochs") from None
     try:
-        layers = [schema]
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise UserError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise UserError(f"override {item!r} is not key=value (e.g. train.epochs=20)")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    # OmegaConf raises plain TypeError/ValueError for some mismatches (a list where a section is due)
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
         raise UserError(f"bad config: {_first_line(e)}") from None
+    check_values(cfg)
+    return cfg
+
+
+def _file_layer(path: Path) -> DictConfig:
+    """A config file as an OmegaConf layer (its YAML loader reads 1e-3 as a number, as users mean);
+    a syntax error or a top level that is not a mapping of sections is one line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        # Parsed once here to check it (OmegaConf.load fails on a scalar top level with an assertion),
+        # then by OmegaConf itself, whose YAML rules differ a little (1e-3 is a number there).
+        data = yaml.safe_load(text)
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"config file {path}: expected a mapping of sections (corpus, extract, model, train), "
+                            f"got {type(data).__name__} {str(data)[:40]!r}")
+        return OmegaConf.load(path) if data is not None else OmegaConf.create({})
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path}: YAML syntax error{_yaml_where(e)}") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        raise UserError(f"config file {path}: {_first_line(e)}") from None
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """ " at line 3, column 7: <what>" from a PyYAML error, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+    return f"{where}: {what}"
+
+
+def check_values(cfg: Config) -> None:
+    """What the types cannot say: ranges and choices. The first problem is one UserError naming
+    the key, the value and what is allowed."""
+
+    def need(ok: bool, key: str, value, allowed: str) -> None:
+        if not ok:
+            raise UserError(f"bad config: {key} must be {allowed}, got {value!r}")
+
+    def number(key: str, value, low: float, low_inclusive: bool = True, high: float | None = None,
+               high_inclusive: bool = False) -> None:
+        above = value >= low if low_inclusive else value > low
+        below = high is None or (value <= high if high_inclusive else value < high)
+        bounds = (f"{'>=' if low_inclusive else '>'} {low}" if high is None else
+                  f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}")
+        need(math.isfinite(value) and above and below, key, value, f"a finite number {bounds}")
+
+    c, x, m, t = cfg.corpus, cfg.extract, cfg.model, cfg.train
+    need(bool(c.name.strip()), "corpus.name", c.name, "a corpus name (demo, meld, iemocap, manifest, ...)")
+    need(c.size in ("small", "full"), "corpus.size", c.size, "small or full")
+    number("corpus.seed", c.seed, 0)
+
+    need(bool(x.cache.strip()), "extract.cache", x.cache, "a folder")
+    for modality, spec in x.encoders.items():
+        need(modality in MODALITIES, "extract.encoders", modality, f"keyed by modality ({', '.join(MODALITIES)})")
+        need(isinstance(spec, dict) and isinstance(spec.get("backend"), str), f"extract.encoders.{modality}", spec,
+             "a mapping with a backend, e.g. {backend: minilm}")
+    for modality, budget in x.batch_budget.items():
+        number(f"extract.batch_budget.{modality}", budget, 1)
+    number("extract.workers", x.workers, 1)
+    number("extract.shard_mb", x.shard_mb, 0, low_inclusive=False)
+
+    need(len(m.modalities) > 0 and all(k in MODALITIES for k in m.modalities)
+         and len(set(m.modalities)) == len(m.modalities),
+         "model.modalities", m.modalities, f"a non-empty list of distinct modalities from {list(MODALITIES)}")
+    need(m.preset in ("paper", "fast"), "model.preset", m.preset, "paper or fast")
+    for key in ("width", "heads", "ffn"):
+        number(f"model.{key}", getattr(m, key), 1)
+    number("model.cross_layers", m.cross_layers, 0)
+    number("model.max_positions", m.max_positions, 2)
+    for key in ("dropout", "attn_dropout"):
+        number(f"model.{key}", getattr(m, key), 0, high=1)
+    for key, low in (("self_layers", 0), ("pool_stride", 1)):
+        for modality, n in getattr(m, key).items():
+            need(modality in MODALITIES, f"model.{key}", modality, f"keyed by modality ({', '.join(MODALITIES)})")
+            number(f"model.{key}.{modality}", n, low)
+
+    need(bool(t.runs.strip()), "train.runs", t.runs, "a folder")
+    need(bool(t.name.strip()) and "/" not in t.name, "train.name", t.name, "a run name without '/'")
+    for key in ("epochs", "batch_size", "patience", "seeds"):
+        number(f"train.{key}", getattr(t, key), 1)
+    number("train.lr", t.lr, 0, low_inclusive=False)
+    number("train.weight_decay", t.weight_decay, 0)
+    number("train.warmup_ratio", t.warmup_ratio, 0, high=1, high_inclusive=True)
+    number("train.grad_clip", t.grad_clip, 0, low_inclusive=False)
+    # numpy seeds are 32-bit: seed .. seed + seeds - 1 must all be
+    number("train.seed", t.seed, 0, high=2**32 - t.seeds, high_inclusive=True)
+    number("train.modality_dropout", t.modality_dropout, 0, high=1)
+    for key in ("max_frames", "num_threads", "preload_gb"):
+        number(f"train.{key}", getattr(t, key), 0)
 
 
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    # dataclasses, not OmegaConf: a value holding a literal "${" (written "\\${" in a config) would
+    # otherwise be taken for an interpolation once more.
+    return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    """The run's config.yaml: load_config reads it back to the same Config."""
+
+    def escaped(value):  # a literal "${" must stay literal when the file is read again
+        if isinstance(value, str):
+            return value.replace("${", "\\${")
+        if isinstance(value, dict):
+            return {k: escaped(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [escaped(v) for v in value]
+        return value
+
+    path.write_text(yaml.safe_dump(escaped(to_dict(cfg)), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def _first_line(e: Exception) -> str:
