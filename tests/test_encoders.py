@@ -28,11 +28,17 @@ def maxdiff(a, b):
 
 
 def check_batch_invariance(enc, items):
+    """Text: bit for bit, as each input is padded by its own length alone, never to its batch's
+    longest (hf.HFEncoder._forward), so a resumed extraction reproduces an uninterrupted one exactly.
+    Audio: within float noise; the CPU convolutions round differently for another batch size."""
     together = enc.encode(items)
     alone = [enc.encode([it])[0] for it in items]
     for a, b in zip(together, alone):
         assert a.dtype == np.float32
-        assert maxdiff(a, b) < TOL
+        if enc.modality == "text":
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert maxdiff(a, b) < TOL
 
 
 def speech_like(seconds, sr=16000, seed=0):
@@ -150,7 +156,7 @@ def test_many_windows_run_a_few_at_a_time(minilm, monkeypatch):
     one_forward = minilm.encode([ids])[0]
     sizes = []
     forward = minilm._forward_padded
-    monkeypatch.setattr(minilm, "_forward_padded", lambda inputs: sizes.append(len(inputs)) or forward(inputs))
+    monkeypatch.setattr(minilm, "_forward_padded", lambda inputs, n: sizes.append(len(inputs)) or forward(inputs, n))
     monkeypatch.setitem(hf.FORWARD_BUDGET, "text", 2 * minilm.max_tokens)
     split = minilm.encode([ids])[0]
     assert max(sizes) == 2 and sum(sizes) == len(minilm._spans(len(ids)))

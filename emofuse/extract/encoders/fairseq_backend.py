@@ -382,9 +382,9 @@ class FairseqEncoder(HFEncoder):
 
     # -- the forward -----------------------------------------------------------------------------
 
-    def _forward_padded(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def _forward_padded(self, inputs: list[np.ndarray], n: int | None = None) -> list[np.ndarray]:
         lengths = [len(x) for x in inputs]
-        n = max(lengths)
+        n = max(lengths) if n is None else n  # HFEncoder._forward pads to a length set by each input alone
         pad = self.dictionary.pad() if self.modality == "text" else 0.0
         batch = np.full((len(inputs), n), pad, dtype=inputs[0].dtype)
         for i, x in enumerate(inputs):
