@@ -14,7 +14,7 @@ FAIRSEQ_STAMP := $(VENV)/.installed-fairseq
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup setup-fairseq demo test test-fast extract train evaluate bench clean
+.PHONY: setup setup-fairseq demo test test-fast test-faults extract train evaluate bench clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test: $(STAMP) $(FAIRSEQ_STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The fault-injection tests alone (kill loop, disk full, two writers, hostile inputs, foreign caches;
+# docs/reliability.md): `make test` runs them too.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults
 
 extract: $(STAMP)
 	$(BIN)/emofuse extract $(CONFIG)

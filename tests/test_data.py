@@ -148,3 +148,11 @@ def test_per_speaker_standardization(tmp_path):
         mean, std = np.concatenate([raw[i] for i in ids]).mean(0), np.concatenate([raw[i] for i in ids]).std(0)
         np.testing.assert_allclose(data.features["audio"][ids[0]], (raw[ids[0]] - mean) / std, atol=1e-2)
     assert data.features["audio"].get("nope") is None and len(data.features["audio"]) == 10
+
+
+def test_a_modality_with_no_store_or_no_encoder_is_one_clear_error(cache):
+    path, encoders = cache
+    with pytest.raises(UserError, match=r"^no video feature store in .*; run `emofuse extract` with this config first$"):
+        CachedData(path, dict(encoders, video={"backend": "dlib"}), ["audio", "video"])
+    with pytest.raises(UserError, match="modality 'video' is in model.modalities but has no encoder in extract.encoders"):
+        CachedData(path, encoders, ["audio", "video"])

@@ -144,6 +144,7 @@ def published(store_dir: Path | None) -> list[Path]:
     return sorted(store_dir.glob("shard-*.h5")) if store_dir is not None else []
 
 
+@pytest.mark.slow  # ~1 min: 11 extraction start-ups
 def test_kill_loop_resumes_exactly(tmp_path, text_config):
     """SIGKILL `emofuse extract` again and again (during start-up, right after a shard is published,
     and while a shard is being written), restart it each time, and end with the store an
@@ -353,6 +354,7 @@ def hostile_corpus(root: Path) -> tuple[Path, dict, str]:
     return csv, expect, long_text
 
 
+@pytest.mark.slow  # ~2 min: an hour of audio and 100,000 words
 def test_hostile_inputs_fail_precisely_and_the_run_goes_on(tmp_path):
     csv, expect, long_text = hostile_corpus(tmp_path / "corpus")
     cfg = tmp_path / "hostile.yaml"
