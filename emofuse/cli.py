@@ -15,7 +15,24 @@ from emofuse.errors import UserError
 
 
 class Group(click.Group):
-    """Turns UserError into one line + exit code 2, unless --debug."""
+    """Turns UserError, and click's own usage errors (unknown option, missing argument), into one
+    line + exit code 2; --debug shows the traceback of a UserError instead."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            # Not standalone: click hands its errors to us instead of printing a usage block.
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # plain `emofuse` (click >= 8.2): the help
+            click.echo(e.format_message())
+            sys.exit(0)
+        except click.ClickException as e:  # UsageError, BadParameter, NoSuchOption, ...
+            hint = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) else ""
+            click.echo("error: " + " ".join(e.format_message().splitlines()) + hint, err=True)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx):
         try:

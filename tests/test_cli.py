@@ -27,3 +27,17 @@ def test_help_and_unknown_corpus_error(tmp_path):
     config.write_text("corpus: {name: nosuch, root: .}\nextract: {encoders: {text: {backend: minilm}}}\n")
     out = CliRunner().invoke(main, ["extract", str(config)])
     assert out.exit_code == 2 and out.output.startswith("error: unknown corpus 'nosuch'")
+
+
+def test_click_usage_errors_are_one_line_exit_2():
+    """An unknown option, a missing argument or an unknown command: one line, exit code 2, as our own errors."""
+    import subprocess
+    import sys
+
+    for args in (["train", "--nope"], ["evaluate"], ["bogus"], ["train", "--seeds", "many", "x.yaml"]):
+        out = subprocess.run([sys.executable, "-m", "emofuse.cli", *args], capture_output=True, text=True)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, (args, out.stderr)
+        assert "--help" in out.stderr and not out.stdout
+    ok = subprocess.run([sys.executable, "-m", "emofuse.cli", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "Usage: " in ok.stdout
