@@ -35,13 +35,13 @@ def instrument(encoder) -> dict:
     stats = {"forwards": 0, "items": 0, "real": 0, "padded": 0}
     inner = encoder._forward_padded
 
-    def wrapped(inputs):
+    def wrapped(inputs, n=None):
         lengths = [len(x) for x in inputs]
         stats["forwards"] += 1
         stats["items"] += len(lengths)
         stats["real"] += sum(lengths)
-        stats["padded"] += max(lengths) * len(lengths)
-        return inner(inputs)
+        stats["padded"] += (n or max(lengths)) * len(lengths)  # n: the padded length, when the encoder sets it
+        return inner(inputs, n)
 
     encoder._forward_padded = wrapped
     return stats
