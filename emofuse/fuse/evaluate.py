@@ -88,14 +88,19 @@ def check_fingerprints(seed_dir: Path, data) -> None:
                             f"settings")
 
 
-def evaluate_run(run: Path, log=print) -> dict:
-    run = Path(run)
+def load_test_split(run: Path):
+    """A run's config, its cached data, and the labelled test utterances with their targets."""
     cfg = load_run_config(run)
     data = load_data(cfg)
-    p = data.protocol
     targets = data.targets()
-    test_ids = [i for i in data.split_ids(p.test_split) if i in targets]
-    y_true = np.array([targets[i] for i in test_ids])
+    test_ids = [i for i in data.split_ids(data.protocol.test_split) if i in targets]
+    return cfg, data, test_ids, np.array([targets[i] for i in test_ids])
+
+
+def evaluate_run(run: Path, log=print) -> dict:
+    run = Path(run)
+    cfg, data, test_ids, y_true = load_test_split(run)
+    p = data.protocol
     results, confusion, layer_weights = [], None, {}
     for d in seed_dirs(run):
         check_fingerprints(d, data)
@@ -260,12 +265,8 @@ def robustness(run: Path, levels: tuple[float, ...] = NOISE_LEVELS, log=print) -
     never extracted) or corrupted with Gaussian noise, mean and std over the run's seeds. The
     noise is drawn from a fixed seed per model seed, so the table is reproducible."""
     run = Path(run)
-    cfg = load_run_config(run)
-    data = load_data(cfg)
+    cfg, data, test_ids, y_true = load_test_split(run)
     p = data.protocol
-    targets = data.targets()
-    test_ids = [i for i in data.split_ids(p.test_split) if i in targets]
-    y_true = np.array([targets[i] for i in test_ids])
     metric = TABLE_METRICS[p.task][0]
     modalities = list(data.stores)
     conditions = {"clean": ({}, {})}
