@@ -45,17 +45,19 @@ CONFIGS = {
     # name: FusionConfig overrides (the rest are FusionConfig's defaults = the config's model defaults)
     "paper": {"preset": "paper"},
     "fast": {"preset": "fast"},
-    "fast-pooled": {"preset": "fast", "pool_stride": {"audio": 4, "text": 1, "video": 2}},
+    # the `fast` preset before 2026-11-26 (2 self + 2 cross layers, no pooling, attention dropout)
+    "fast-deep": {"preset": "fast", "self_layers": {"audio": 2, "text": 0, "video": 2}, "cross_layers": 2,
+                  "ffn": 1024, "attn_dropout": 0.1, "pool_stride": {"audio": 1, "text": 1, "video": 1}},
     # the model section of configs/demo.yaml: a small fast model, audio pooled 8x in time
     "demo-model": {"preset": "fast", "width": 64, "self_layers": {"audio": 1, "text": 0, "video": 1},
                    "cross_layers": 1, "heads": 4, "ffn": 128, "pool_stride": {"audio": 8, "text": 1, "video": 1}},
 }
 # per configuration (full run): seconds of measured steps (at least MIN_STEPS), warm-up steps (the
 # first is the epoch's longest batch), batches whose FLOPs are counted
-SECONDS = {"paper": 30.0, "fast": 35.0, "fast-pooled": 25.0, "demo-model": 20.0}
-MIN_STEPS = {"paper": 2, "fast": 3, "fast-pooled": 3, "demo-model": 5}
-WARMUP = {"paper": 1, "fast": 2, "fast-pooled": 2, "demo-model": 2}
-FLOP_BATCHES = {"paper": 1, "fast": 2, "fast-pooled": 2, "demo-model": 3}
+SECONDS = {"paper": 30.0, "fast": 35.0, "fast-deep": 25.0, "demo-model": 20.0}
+MIN_STEPS = {"paper": 2, "fast": 3, "fast-deep": 3, "demo-model": 5}
+WARMUP = {"paper": 1, "fast": 2, "fast-deep": 2, "demo-model": 2}
+FLOP_BATCHES = {"paper": 1, "fast": 2, "fast-deep": 2, "demo-model": 3}
 
 
 # ------------------------------------------------------------------------------------- the cache

@@ -112,10 +112,12 @@ def extract(config, overrides, processes, device, scheduler, trust_checkpoint, q
 @overrides_arg
 @click.option("--seeds", type=int, default=None, help="Number of seeds (overrides train.seeds).")
 @click.option("--folds", is_flag=True, help="Run every fold of a cross-validated protocol and pool the results.")
+@click.option("--workers", type=int, default=None,
+              help="Train N seeds (folds with --folds) at once in N processes (overrides train.workers).")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue an interrupted run from its folder (its saved config; no CONFIG).")
 @quiet_opt
-def train(config, overrides, seeds, folds, resume, quiet):
+def train(config, overrides, seeds, folds, workers, resume, quiet):
     """Train the fusion model on cached features; the run goes to <train.runs>/<train.name>/."""
     from emofuse.config import load_config
     from emofuse.fuse.evaluate import summary_line
@@ -123,13 +125,15 @@ def train(config, overrides, seeds, folds, resume, quiet):
     from emofuse.fuse.train import train as train_runs
 
     if resume is not None:
-        if config is not None or overrides or seeds or folds:
-            raise UserError("--resume RUN continues a run with its saved config: give no CONFIG, overrides, --seeds or --folds")
+        if config is not None or overrides or seeds or folds or workers:
+            raise UserError("--resume RUN continues a run with its saved config: give no CONFIG, overrides, "
+                            "--seeds, --folds or --workers")
         summary = resume_run(resume, progress=not quiet, log=click.echo)
     else:
         if config is None:
             raise UserError("give a CONFIG to train, or --resume RUN to continue a run")
-        cfg = load_config(config, list(overrides) + ([f"train.seeds={seeds}"] if seeds else []))
+        cfg = load_config(config, list(overrides) + ([f"train.seeds={seeds}"] if seeds else [])
+                          + ([f"train.workers={workers}"] if workers is not None else []))
         summary = (train_folds if folds else train_runs)(cfg, progress=not quiet, log=click.echo)
     click.echo(summary_line(summary))
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from emofuse.errors import UserError
-from emofuse.fuse.model import MODALITIES, Architecture
+from emofuse.fuse.model import MODALITIES, PRESETS, Architecture
 
 
 @dataclass
@@ -69,7 +69,8 @@ class TrainConfig:
     modality_dropout: float = 0.0  # chance to hide each present modality of a training sample
     normalize: bool = True  # standardise each feature dim with train-split mean/std (opensmile LLDs span Hz and dB)
     max_frames: int = 0  # 0 = keep all frames; else evenly subsample longer sequences (train and test alike)
-    num_threads: int = 0  # torch threads; 0 = torch's default
+    num_threads: int = 0  # torch threads; 0 = torch's default (with workers > 1: the cores shared out)
+    workers: int = 1  # processes training seeds (folds, for a cross-validated protocol) at the same time
     preload_gb: float = 4.0  # load all features into memory when they fit; else read per batch from HDF5
     # Standardise each speaker's features with that speaker's own statistics first (labels unused;
     # a test speaker's unlabelled features included): usual for leave-one-speaker-out speech emotion.
@@ -178,7 +179,7 @@ def check_values(cfg: Config) -> None:
     need(len(m.modalities) > 0 and all(k in MODALITIES for k in m.modalities)
          and len(set(m.modalities)) == len(m.modalities),
          "model.modalities", m.modalities, f"a non-empty list of distinct modalities from {list(MODALITIES)}")
-    need(m.preset in ("paper", "fast"), "model.preset", m.preset, "paper or fast")
+    need(m.preset in PRESETS, "model.preset", m.preset, " or ".join(PRESETS))
     for key in ("width", "heads", "ffn"):
         number(f"model.{key}", getattr(m, key), 1)
     number("model.cross_layers", m.cross_layers, 0)
@@ -192,7 +193,7 @@ def check_values(cfg: Config) -> None:
 
     need(bool(t.runs.strip()), "train.runs", t.runs, "a folder")
     need(bool(t.name.strip()) and "/" not in t.name, "train.name", t.name, "a run name without '/'")
-    for key in ("epochs", "batch_size", "patience", "seeds"):
+    for key in ("epochs", "batch_size", "patience", "seeds", "workers"):
         number(f"train.{key}", getattr(t, key), 1)
     number("train.lr", t.lr, 0, low_inclusive=False)
     number("train.weight_decay", t.weight_decay, 0)

@@ -205,13 +205,55 @@ def test_config_round_trip_and_errors():
     cfg = small_config(["audio", "video"], pool_stride={"audio": 4}, num_layers_in={"audio": 3, "video": 1})
     again = FusionConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
-    assert again.pool_stride == {"audio": 4, "text": 1, "video": 1}
+    assert again.pool_stride == {"audio": 4, "text": 1, "video": 2}  # text, video: the fast preset's
     with pytest.raises(UserError, match="canonical order"):
         small_config(["video", "audio"])
     with pytest.raises(UserError, match="unknown"):
         FusionConfig.from_dict(cfg.to_dict() | {"widht": 3})
     with pytest.raises(UserError, match="divisible"):
         small_config(["audio"], heads=5)
+
+
+def test_presets_fill_what_the_config_leaves_out():
+    dims = {"text": 1024, "audio": 512, "video": 256}
+    paper = FusionConfig(modalities=["audio", "text", "video"], input_dims=dims, num_layers_in={}, num_outputs=1,
+                         preset="paper", self_layers={"video": 1})
+    assert (paper.cross_layers, paper.ffn, paper.attn_dropout) == (2, 1024, 0.1)
+    assert paper.self_layers == {"audio": 2, "text": 0, "video": 1}  # key by key
+    fast = FusionConfig(modalities=["audio"], input_dims=dims, num_layers_in={}, num_outputs=1, dropout=0.3)
+    assert (fast.preset, fast.width, fast.cross_layers, fast.dropout, fast.attn_dropout) == ("fast", 128, 1, 0.3, 0.0)
+    assert fast.pool_stride == {"audio": 4, "text": 1, "video": 2}
+    with pytest.raises(UserError, match="preset must be one of paper, fast"):
+        FusionConfig(modalities=["audio"], input_dims=dims, num_layers_in={}, num_outputs=1, preset="tiny")
+
+
+@pytest.mark.parametrize("modalities", [["audio", "text", "video"], ["audio"]], ids=["ATV", "A"])
+def test_last_layer_on_the_pooled_position_only_changes_nothing(modalities):
+    # The last cross layer (and a single-modality model's last self layer) runs for position 0 only,
+    # the only position read. Recompute every layer over the whole sequence: the same logits.
+    torch.manual_seed(0)
+    cfg = small_config(modalities, cross_layers=2, self_layers={"audio": 2, "text": 1, "video": 2})
+    model = SSEFT(cfg).eval()
+    feats, masks = make_batch(cfg, {m: [7, 3, 5] for m in modalities})
+
+    with torch.no_grad():
+        got = model(feats, masks)
+        streams = {m: model.streams[m](feats[m], masks[m], start_only=False) for m in modalities}
+        pooled = []
+        for m in modalities:
+            outs = []
+            for q, src in model.pairs:
+                if q == m:
+                    y = streams[q][0]
+                    for layer in model.cross[f"{q}_to_{src}"].layers:
+                        y = layer(y, *streams[src])
+                    outs.append(y[:, 0])
+            v = outs[0] if outs else streams[m][0][:, 0]
+            for o in outs[1:]:
+                v = v * o
+            pooled.append(v)
+        want = model.head(torch.cat(pooled, dim=-1))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 def test_paper_preset_has_about_43m_parameters():
@@ -251,3 +293,27 @@ def test_overfits_a_tiny_separable_dataset(modalities):
     assert losses[-1] < 0.1, losses[::15]
     model.eval()
     assert (model(feats, masks).argmax(1) == y).all()
+
+
+def test_dropout_keeps_the_expected_share_and_mean():
+    from emofuse.fuse.model import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3)
+    x = torch.ones(1000, 1001)  # an odd count: the last 64-bit draw is used in part
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.7) < 0.003, kept  # 1,001,000 Bernoulli draws: std 0.0005
+    assert abs(y.mean().item() - 1.0) < 0.005 and torch.allclose(y[y != 0], torch.tensor(1 / 0.7))
+    # neighbours (the four 16-bit parts of one draw) are independent: P(both kept) = 0.49
+    pairs = (y.flatten()[:-1:2] != 0) & (y.flatten()[1::2] != 0)
+    assert abs(pairs.float().mean().item() - 0.49) < 0.004
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    torch.manual_seed(1)
+    a = Dropout(0.5)(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, Dropout(0.5)(x))  # seeded by torch's generator
+    g = torch.ones(3, 5, requires_grad=True)
+    out = Dropout(0.5)(g)
+    out.sum().backward()
+    assert torch.equal(g.grad, out.detach())  # gradient flows through kept elements only, scaled alike

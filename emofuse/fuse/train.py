@@ -233,7 +233,8 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     result = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(log), "primary": primary,
               "dev": {primary: best}, "test": test, "train_seconds": train_seconds,
               "n": {"train": len(train_ids), "dev": len(dev_ids), "test": len(test_ids)},
-              "parameters": model.count_parameters(), "protocol": p.name}
+              "parameters": model.count_parameters(), "protocol": p.name, "task": p.task,
+              "modalities": list(data.stores)}
     write_provenance(run_dir, data)
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))  # marks the seed done
     (run_dir / RESUME_FILE).unlink(missing_ok=True)
@@ -379,25 +380,64 @@ def summarize(results: list[dict]) -> dict:
 def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None = None,
           data: CachedData | None = None, resume: bool = False) -> dict:
     """Every seed of a config; writes runs/<name>/ and returns the summary.
-    resume: keep the seeds that finished, continue the one that was interrupted."""
+    resume: keep the seeds that finished, continue the one that was interrupted.
+    train.workers > 1: seeds run in that many processes at once (the same numbers as one by one)."""
     run_root = Path(run_root or Path(cfg.train.runs) / cfg.train.name)
     run_root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_root / "config.yaml")
-    data = data or load_data(cfg)
-    results = []
-    for k in range(cfg.train.seeds):
-        seed = cfg.train.seed + k
-        done = run_root / f"seed-{seed}" / "result.json"
-        if resume and done.exists():
-            results.append(json.loads(done.read_text()))
-        else:
-            results.append(fit(cfg, data, run_root / f"seed-{seed}", seed, progress=progress, resume=resume))
-        r = results[-1]
-        log(f"seed {seed}: best epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
-    summary = {"protocol": data.protocol.name, "task": data.protocol.task, "modalities": list(data.stores), "seeds": [r["seed"] for r in results],
-               "test": summarize(results)}
+    seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
+    results = {s: json.loads((run_root / f"seed-{s}" / "result.json").read_text()) for s in seeds
+               if resume and (run_root / f"seed-{s}" / "result.json").exists()}
+    todo = [s for s in seeds if s not in results]
+    if cfg.train.workers > 1 and len(todo) > 1:
+        jobs = [(cfg, run_root / f"seed-{s}", s, resume) for s in todo]
+        results |= dict(zip(todo, in_processes(_fit_job, jobs, cfg.train.workers, progress, "seeds")))
+    else:
+        data = data or load_data(cfg)
+        for s in todo:
+            results[s] = fit(cfg, data, run_root / f"seed-{s}", s, progress=progress, resume=resume)
+    results = [results[s] for s in seeds]
+    for r in results:
+        log(f"seed {r['seed']}: best epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
+    summary = {"protocol": results[0]["protocol"], "task": results[0]["task"], "modalities": results[0]["modalities"],
+               "seeds": seeds, "test": summarize(results)}
     (run_root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def in_processes(fn, jobs: list[tuple], workers: int, progress: bool, what: str) -> list:
+    """fn(*job) for every job in `workers` fresh processes; results in job order. Each process gets
+    an equal share of the cores unless train.num_threads says otherwise (spawned, not forked: a
+    forked copy of a process that has used OpenMP threads can hang)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    results = [None] * len(jobs)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool, \
+            tqdm(total=len(jobs), desc=f"{what} ({workers} processes)", unit=what.rstrip("s"),
+                 disable=not progress) as bar:
+        futures = {pool.submit(fn, *job): k for k, job in enumerate(jobs)}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()  # a worker's error (e.g. UserError) is raised here
+                bar.update(1)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return results
+
+
+def _fit_job(cfg: Config, run_dir: Path, seed: int, resume: bool) -> dict:
+    return fit(cfg, load_data(cfg), run_dir, seed, progress=False, resume=resume)
+
+
+def _train_fold_job(cfg: Config, run_root: Path, resume: bool) -> dict:
+    cfg.train.workers = 1  # the processes are the folds'
+    return train(cfg, progress=False, log=lambda *_: None, run_root=run_root, resume=resume)
 
 
 FOLDS_FILE = "folds.json"
@@ -427,11 +467,17 @@ def train_folds(cfg: Config, progress: bool = True, log=print, resume: bool = Fa
     run_root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_root / "config.yaml")
     (run_root / FOLDS_FILE).write_text(json.dumps([str(f) for f in folds]))  # tells --resume it is a folds run
+    fold_cfgs = []
     for fold in folds:
-        fold_cfg = copy.deepcopy(cfg)
-        fold_cfg.corpus.options = {**cfg.corpus.options, "fold": fold}
-        log(f"fold {fold} ({folds.index(fold) + 1}/{len(folds)})")
-        train(fold_cfg, progress=progress, log=log, run_root=run_root / f"fold-{fold}", resume=resume)
+        fold_cfgs.append(copy.deepcopy(cfg))
+        fold_cfgs[-1].corpus.options = {**cfg.corpus.options, "fold": fold}
+    if cfg.train.workers > 1:
+        jobs = [(c, run_root / f"fold-{f}", resume) for c, f in zip(fold_cfgs, folds)]
+        in_processes(_train_fold_job, jobs, cfg.train.workers, progress, "folds")
+    else:
+        for k, (fold, fold_cfg) in enumerate(zip(folds, fold_cfgs)):
+            log(f"fold {fold} ({k + 1}/{len(folds)})")
+            train(fold_cfg, progress=progress, log=log, run_root=run_root / f"fold-{fold}", resume=resume)
     pooled = []
     for k in range(cfg.train.seeds):
         preds = [json.loads((run_root / f"fold-{f}" / f"seed-{cfg.train.seed + k}" / "predictions.json").read_text())
