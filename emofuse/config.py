@@ -75,6 +75,12 @@ class TrainConfig:
     # Standardise each speaker's features with that speaker's own statistics first (labels unused;
     # a test speaker's unlabelled features included): usual for leave-one-speaker-out speech emotion.
     speaker_norm: bool = False
+    # "balanced": weigh each class's cross-entropy by n / (classes x its count) in train, so that every
+    # class counts alike (what unweighted accuracy scores); "none": every utterance counts alike.
+    class_weights: str = "none"
+    # the validation metric that picks the best epoch ("" = the task's: weighted_f1, mae, mean_f1),
+    # e.g. ua where unweighted accuracy is the number reported
+    select_metric: str = ""
     tensorboard: bool = False  # also log each epoch to <run>/seed-<s>/tensorboard (needs emofuse[tensorboard])
 
 
@@ -202,6 +208,7 @@ def check_values(cfg: Config) -> None:
     # numpy seeds are 32-bit: seed .. seed + seeds - 1 must all be
     number("train.seed", t.seed, 0, high=2**32 - t.seeds, high_inclusive=True)
     number("train.modality_dropout", t.modality_dropout, 0, high=1)
+    need(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights, "none or balanced")
     for key in ("max_frames", "num_threads", "preload_gb"):
         number(f"train.{key}", getattr(t, key), 0)
 

@@ -257,3 +257,21 @@ train: {{runs: {tmp_path / 'runs'}, name: serial, epochs: 2, batch_size: 8, seed
     assert sorted(i for p in preds for i in p["ids"]) == sorted(p.stem for p in (tmp_path / "emodb" / "wav").glob("*.wav"))
     cfg.train.name, cfg.train.workers = "parallel", 2
     assert train_folds(cfg, progress=False, log=lambda *_: None) == serial
+
+
+def test_balanced_class_weights_and_the_selection_metric(toy_run):
+    from emofuse.errors import UserError
+    from emofuse.fuse.train import balanced_class_weights
+
+    w = balanced_class_weights([0, 0, 0, 1], 3)  # 4 / (3 x count); class 2 never seen in train
+    assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+    cfg = load_config(toy_run, ["train.epochs=2", "train.class_weights=balanced", "train.select_metric=ua"])
+    summary = train(cfg, progress=False, log=lambda *_: None)
+    result = json.loads((Path(cfg.train.runs) / "full" / "seed-0" / "result.json").read_text())
+    assert result["primary"] == "ua" and result["dev"]["ua"] == max(
+        json.loads(line)["dev"]["ua"] for line in open(Path(cfg.train.runs) / "full" / "seed-0" / "metrics.jsonl"))
+    assert "ua" in summary["test"]
+    with pytest.raises(UserError, match="'mae' is not a classification metric; choose one of wa, ua"):
+        train(load_config(toy_run, ["train.select_metric=mae"]), progress=False, log=lambda *_: None)
+    with pytest.raises(UserError, match="class_weights must be none or balanced"):
+        load_config(toy_run, ["train.class_weights=inverse"])

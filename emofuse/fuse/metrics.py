@@ -141,8 +141,14 @@ def task_metrics(task: str, y_true, y_pred, classes: Sequence[str] | None = None
     raise ValueError(f"unknown task {task!r}: expected classification, regression or multilabel")
 
 
-# Early stopping watches one number per kind of task.
+# Early stopping watches one number per kind of task, unless train.select_metric names another.
 PRIMARY = {"classification": "weighted_f1", "multilabel": "mean_f1", "regression": "mae"}
+# What train.select_metric may name, per task (the scalar metrics above).
+SELECTABLE = {
+    "classification": ("wa", "ua", "weighted_f1", "macro_f1"),
+    "multilabel": ("mean_acc", "mean_f1"),
+    "regression": ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0"),
+}
 LOWER_IS_BETTER = {"mae"}
 
 

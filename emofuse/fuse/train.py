@@ -39,7 +39,7 @@ from emofuse.config import Config, save_config
 from emofuse.corpora import corpus_folds, load_corpus
 from emofuse.errors import UserError
 from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches
-from emofuse.fuse.metrics import PRIMARY, is_better, task_metrics
+from emofuse.fuse.metrics import PRIMARY, SELECTABLE, is_better, task_metrics
 from emofuse.fuse.model import MODALITIES, SSEFT, FusionConfig
 
 
@@ -78,12 +78,20 @@ def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
                         num_outputs=num_outputs, **arch)
 
 
-def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     if task == "classification":
-        return F.cross_entropy(out, y)
+        return F.cross_entropy(out, y, weight=class_weights)
     if task == "multilabel":  # the paper's IEMOCAP heads: cross-entropy of each 2-way head, averaged
         return F.cross_entropy(out.reshape(-1, 2), y.reshape(-1))
     return F.l1_loss(out.squeeze(-1), y)  # CMU-MOSI/MOSEI: L1 on the [-3, 3] score
+
+
+def balanced_class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
+    """n / (n_classes * count) per class (scikit-learn's "balanced"): every class weighs the same in
+    the loss, which is what unweighted accuracy (mean recall) scores. A class absent from train gets 0."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
 
 
 def drop_modalities(present: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -169,7 +177,15 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     lengths = {i: data.length(i) for i in train_ids}
-    primary = PRIMARY[p.task]
+    primary = t.select_metric or PRIMARY[p.task]
+    if primary not in SELECTABLE[p.task]:
+        raise UserError(f"train.select_metric: {primary!r} is not a {p.task} metric; choose one of "
+                        f"{', '.join(SELECTABLE[p.task])}")
+    class_weights = None
+    if t.class_weights == "balanced":
+        if p.task != "classification":
+            raise UserError(f"train.class_weights=balanced is for classification protocols; {p.name} is {p.task}")
+        class_weights = balanced_class_weights([targets[i] for i in train_ids], len(p.classes))
 
     best, best_epoch, log, stopped = None, -1, [], False
     if resume and (run_dir / RESUME_FILE).exists():
@@ -190,7 +206,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
             present = drop_modalities(present, t.modality_dropout, gen)
             y = torch.as_tensor(np.array([targets[i] for i in batch]),
                                 dtype=torch.float32 if p.task == "regression" else torch.long)
-            loss = loss_fn(p.task, model(feats, masks, present), y)
+            loss = loss_fn(p.task, model(feats, masks, present), y, class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
