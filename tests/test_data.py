@@ -87,6 +87,45 @@ def test_store_of_other_settings_is_refused_naming_what_differs(tmp_path):
     assert find_store(tmp_path, "text", {"backend": "minilm", "device": "cpu"}).path == store.path
 
 
+def test_store_of_an_older_text_padding_is_stale(tmp_path):
+    """Text stores made while text was padded to multiples of 16 (no "padding" in their spec) have
+    another fingerprint: extraction never extends one (a store must not mix two policies, whose
+    features differ in the last bits), it makes a new store beside it, which training then uses;
+    a model trained on the old features is refused, naming the setting."""
+    from emofuse.extract.encoders.base import build_encoder
+    from emofuse.extract.pipeline import extract_modality, store_path
+    from emofuse.fuse.evaluate import check_fingerprints
+
+    enc = build_encoder("text", {"backend": "minilm"})
+    new = enc.full_spec()
+    assert new["padding"] == "exact"
+    old = {k: v for k, v in new.items() if k != "padding"}
+    old_store = FeatureStore.create(store_path(tmp_path, "text", old), "text", old, fingerprint(old), dim=384)
+    with old_store.writer() as w:
+        w.add("u0", np.zeros((3, 384), np.float32))
+    utts = [Utterance(id=f"u{i}", text=t, split="train") for i, t in enumerate(["Hello there.", "So angry!"])]
+    result = extract_modality(utts, enc, tmp_path, budget=512, progress=False, log=lambda *_: None)
+    assert result.store != str(old_store.path) and result.encoded == 2 and result.skipped == 0
+    assert len(FeatureStore(old_store.path)) == 1  # untouched
+    # Both agree with what the config names ({backend: minilm}); the config's full spec picks the new one.
+    assert str(find_store(tmp_path, "text", {"backend": "minilm"}).path) == result.store
+
+    seed = tmp_path / "seed-0"
+    seed.mkdir()
+    (seed / "model.json").write_text(json.dumps({"fingerprints": {"text": fingerprint(old)}, "encoders": {"text": old}}))
+
+    class Data:
+        stores = {"text": FeatureStore(result.store)}
+
+        def fingerprints(self):
+            return {"text": self.stores["text"].fingerprint}
+
+    with pytest.raises(UserError) as e:
+        check_fingerprints(seed, Data())
+    assert "(padding: model (not set), cache 'exact'); re-extract with the run's encoder settings, or train " \
+           "the run again on this cache" in str(e.value)
+
+
 def test_refusal_when_the_configs_encoder_cannot_be_built_here(tmp_path):
     spec = {"backend": "toy-audio", "dim": 5, "checkpoint_sha256": "a" * 64}
     for name, sha in (("audio-toy-1", "a" * 64), ("audio-toy-2", "b" * 64)):

@@ -1,5 +1,7 @@
 """Extraction over a dask.distributed LocalCluster (2 worker processes) writes the same store as the
-single-process pipeline, bit for bit; resumes; does no work the second time; respects the lock."""
+single-process pipeline, bit for bit, also when it resumes a store holding a scattered subset (the
+chunks are cut from all utterances, so their windows and batches are the pipeline's); does no work
+the second time; respects the lock."""
 
 import numpy as np
 import pytest
@@ -73,7 +75,7 @@ def test_distributed_equals_local_and_resumes(tmp_path, client):
     assert [r.encoded for r in local] == [14, 14] and [r.failed for r in local] == [1, 1]
 
     # openSMILE in chunks of 4 (work for both workers); MiniLM with the default chunks, whose
-    # windows are the local pipeline's, so its padded batches are too.
+    # windows are the local pipeline's, so its batches are too.
     half = Corpus(corpus.name, corpus.utterances[:6], corpus.protocol)
     audio_cfg = config(tmp_path / "dist", {"audio": encoders["audio"]})
     first = extract_distributed(audio_cfg, half, client, chunk_size=4, **one)
@@ -81,14 +83,28 @@ def test_distributed_equals_local_and_resumes(tmp_path, client):
     rest = extract_distributed(audio_cfg, corpus, client, chunk_size=4, **one)  # resume
     assert rest[0].skipped == 6 and rest[0].encoded == 8 and rest[0].failed == 1
     assert rest[0].failure_reasons == local[0].failure_reasons
-    text = extract_distributed(config(tmp_path / "dist", {"text": encoders["text"]}), corpus, client, **one)
-    assert text[0].encoded == 14 and text[0].failed == 1
 
-    (dist_audio, dist_text), (local_audio, local_text) = stores(tmp_path / "dist"), stores(tmp_path / "local")
+    # Text resumes a store that already holds a scattered subset of the local run's features (as
+    # earlier runs would have left it): the repeated transcripts share forwards, so their bits
+    # depend on the batch plan, and only the pipeline's plan reproduces the local store.
+    local_audio, local_text = stores(tmp_path / "local")
+    reference = FeatureStore(local_text)
+    kept = ["u01", "u03", "u05", "u06", "u09", "u12"]  # left alone or in pairs, others would round otherwise
+    pre = FeatureStore.create(tmp_path / "dist" / "dist" / local_text.name, "text", reference.spec,
+                              reference.fingerprint, dim=reference.dim)
+    with pre.writer("earlier") as w:
+        for uid in kept:
+            w.add(uid, reference.get(uid))
+    text = extract_distributed(config(tmp_path / "dist", {"text": encoders["text"]}), corpus, client, **one)
+    assert text[0].skipped == 6 and text[0].encoded == 8 and text[0].failed == 1
+
+    dist_audio, dist_text = stores(tmp_path / "dist")
     assert_same_store(dist_audio, local_audio)
     assert_same_store(dist_text, local_text)
     names = {p.name.split("-")[1] for p in dist_audio.glob("shard-*.h5")}
-    assert names == {"w0", "w1"}  # one writer name per chunk (the resumed run had 2 chunks of 4); none for the client
+    # One writer name per chunk, numbered over all utterances: the first run wrote chunks 0 and 1 of
+    # its 6, the resumed one chunks 1 (u06, u07), 2 and 3 of the 15; chunk 0 was done and not sent.
+    assert names == {"w0", "w1", "w2", "w3"}  # none for the client
 
     # A second run finds everything done: no task, no new shard, no new failure line.
     before = sorted(p.name for p in dist_audio.iterdir())

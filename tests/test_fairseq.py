@@ -404,6 +404,7 @@ def test_roberta_equals_fairseq(roberta, hub):
     spec = last.full_spec()
     assert set(spec["checkpoint_sha256"]) == {"model.pt", "dict.txt", "encoder.json", "vocab.bpe"}
     assert spec["max_tokens"] == 40 and spec["layer"] == -1 and spec["modality"] == "text"
+    assert spec["padding"] == "exact"  # HFEncoder._forward's text padding, in the fingerprint
 
 
 def test_long_text_is_chunked_and_each_window_equals_fairseq(roberta, hub):

@@ -37,7 +37,7 @@ def spec_differences(a: dict, b: dict, names: tuple[str, str] | None = None) -> 
     with names ("config", "store"): "layer: config 6, store 12"."""
     keys = sorted(set(a) | set(b))
     if names is None:
-        return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+        return [f"{k}: {_shown(a, k)} vs {_shown(b, k)}" for k in keys if a.get(k) != b.get(k)]
     return [f"{k}: {names[0]} {_shown(a, k)}, {names[1]} {_shown(b, k)}" for k in keys if a.get(k) != b.get(k)]
 
 

@@ -4,9 +4,11 @@
     ------                                          -----------------------------
     ask a worker for the encoder's full spec  --->  build the encoder once, keep it for later tasks
     create / open the store, lock it for the
-    whole run, list pending ids
-    cut them into chunks, one task each       --->  prepare + encode the chunk (pipeline's code),
-                                                    write shard-w<k>-<seq>.h5 (no lock: the client holds it)
+    whole run, list the ids already done
+    cut ALL utterances into chunks of whole
+    windows; one task per chunk not all done  --->  prepare + encode the chunk's windows (pipeline's
+                                                    code), write the ids not done to
+                                                    shard-w<k>-<seq>.h5 (no lock: the client holds it)
     append the failures each task returns     <---  encoded count + failures
     progress bar over completed tasks
 
@@ -14,14 +16,17 @@ Every worker must see the cache folder at the same path (one machine, or a share
 Shard names never collide: chunk k writes only under the writer name `w<k>`, and a writer numbers its
 shards after the ones already there. Failures are appended by the client alone, so failures.jsonl
 has one writer, as in the local pipeline. Resume works the same: ids already in complete shards (or
-in failures.jsonl) are not pending; a retried task (its worker died) first skips the ids that are
-already in complete shards, such as those its earlier attempt wrote.
+in failures.jsonl) are not written again; a retried task (its worker died) also counts as done the
+ids already in complete shards, such as those its earlier attempt wrote.
 
-Each utterance goes through exactly the steps of the local pipeline (windows of the encoder's
-window_utterances, length buckets under the batch budget), so with the default chunk size (a
-multiple of that window) the
-batches, and the numbers, are those of a single-process run (given the same torch thread count:
-with more threads a matrix product may sum in another order).
+The batch plan is the local pipeline's (pipeline.window_plan, encode_windows): chunks are cut from
+all utterances, whatever is already done, at multiples of the encoder's window_utterances, so the
+windows inside a chunk, their length batches under the batch budget, and the numbers, are those of
+a single-process run, uninterrupted or resumed (given the same torch thread count: with more threads
+a matrix product may sum in another order). A chunk_size that is not a multiple of the window (only
+for tests and small corpora) cuts windows short at the chunk ends: still the same batches on every
+run with that chunk_size, but bit-identical to the single-process run only for encoders whose
+features do not depend on their batch mates (such as openSMILE, which encodes each input alone).
 """
 
 from __future__ import annotations
@@ -31,17 +36,16 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
 from emofuse.cache.store import FeatureStore, ShardWriter
 from emofuse.corpora.base import Corpus, Utterance
-from emofuse.errors import PrepareError, UserError
+from emofuse.errors import UserError
 from emofuse.extract.encoders.base import build_encoder, fingerprint
-from emofuse.extract.pipeline import (ModalityResult, _encode_window, _prepare, corpus_cache_dir,
-                                      count_failure, store_path, write_corpus_index)
+from emofuse.extract.pipeline import (ModalityResult, corpus_cache_dir, count_failure, encode_windows, store_path,
+                                      window_plan, write_corpus_index)
 
 CLIENT_WRITER = "client"  # the client's writer: holds the lock, appends failures, writes no shard
 
@@ -52,7 +56,8 @@ def extract_distributed(cfg, corpus: Corpus, client_or_address=None, n_workers: 
 
     client_or_address: a dask.distributed Client, a scheduler address ("tcp://host:8786"), or None
     for a LocalCluster of `n_workers` processes with one thread each. chunk_size: utterances per
-    task (default: a multiple of the encoder's window giving each worker about 4 tasks per modality). torch_threads:
+    task (default: a multiple of the encoder's window giving each worker about 4 tasks per modality;
+    keep it a multiple of the window for single-process numbers, see the module doc). torch_threads:
     torch threads in each worker (dask's nanny sets OMP_NUM_THREADS=1; a LocalCluster defaults to its
     share of this machine's cores).
     """
@@ -126,7 +131,7 @@ def extract_modality_distributed(client, utterances: list[Utterance], modality: 
             done |= earlier
         store.close()
         todo = [u for u in utterances if u.id not in done]
-        by_id = {u.id: u for u in todo}
+        by_id = {u.id: u for u in utterances}
         result.skipped = len(utterances) - len(todo)
         if not todo:
             log(f"{modality}: all {len(utterances)} utterances already in {store.path} (skipped, no encoder work)")
@@ -136,13 +141,17 @@ def extract_modality_distributed(client, utterances: list[Utterance], modality: 
 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         window = described["window"]
-        size = chunk_size or window * max(1, math.ceil(len(todo) / (window * 4 * n_workers)))
-        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+        size = chunk_size or window * max(1, math.ceil(len(utterances) / (window * 4 * n_workers)))
+        # Cut from ALL utterances (window_plan), never from `todo`: a chunk then holds the windows of a
+        # single-process run, whatever an earlier run stored. A chunk with nothing left is not sent.
+        chunks = [(k, chunk) for k, chunk in enumerate(window_plan(utterances, size))
+                  if any(u.id not in done for u in chunk)]
         start = time.perf_counter()
-        futures = [client.submit(encode_chunk, modality, spec, str(store.path), f"w{k}", chunk, budget, workers,
-                                 shard_bytes, torch_threads, pure=False)
-                   for k, chunk in enumerate(chunks)]
-        sizes = {f.key: len(c) for f, c in zip(futures, chunks)}
+        futures = [client.submit(encode_chunk, modality, spec, str(store.path), f"w{k}", chunk,
+                                 {u.id for u in chunk if u.id in done}, budget, workers, shard_bytes, torch_threads,
+                                 pure=False)
+                   for k, chunk in chunks]
+        sizes = {f.key: sum(1 for u in c if u.id not in done) for f, (_, c) in zip(futures, chunks)}
         try:
             with tqdm(total=len(todo), desc=f"extract {modality}", unit="utt", disable=not progress) as bar:
                 for future in as_completed(futures):
@@ -201,29 +210,17 @@ class WorkerWriter(ShardWriter):
         self.failures.append({"id": uid, "stage": stage, "reason": reason})
 
 
-def encode_chunk(modality: str, spec: dict, path: str, writer_name: str, chunk: list[Utterance], budget: int,
-                 workers: int, shard_bytes: int, torch_threads: int | None) -> tuple[int, list[dict]]:
-    """Prepare, encode and write one chunk, as pipeline.extract_modality does; (encoded, failures)."""
+def encode_chunk(modality: str, spec: dict, path: str, writer_name: str, chunk: list[Utterance], done: set[str],
+                 budget: int, workers: int, shard_bytes: int, torch_threads: int | None) -> tuple[int, list[dict]]:
+    """Prepare, encode and write one chunk, as pipeline.extract_modality does: its windows whole,
+    writing only the ids not in `done` (the client's view: stored or failed before). (encoded, failures)."""
     encoder = worker_encoder(modality, spec, torch_threads)
     store = FeatureStore(Path(path))
     # A retry of this task (its worker died) must not write again what the first attempt wrote.
-    chunk = [u for u in chunk if u.id not in store]
+    done = set(done) | {u.id for u in chunk if u.id in store}
     store.close()
 
     result = ModalityResult(modality, path)
-    size = encoder.window_utterances
-    windows = [chunk[i : i + size] for i in range(0, len(chunk), size)]
-    with WorkerWriter(store, writer_name, shard_bytes) as writer, ThreadPoolExecutor(max(1, workers)) as pool:
-        pending = [pool.submit(_prepare, encoder, u) for u in windows[0]] if windows else []
-        for k, window in enumerate(windows):
-            prepared = [f.result() for f in pending]
-            if k + 1 < len(windows):  # prepare the next window while this one encodes
-                pending = [pool.submit(_prepare, encoder, u) for u in windows[k + 1]]
-            ready = []
-            for utt, item in prepared:
-                if isinstance(item, PrepareError):
-                    writer.add_failure(utt.id, item.stage, item.reason)
-                else:
-                    ready.append((utt, item))
-            _encode_window(encoder, ready, budget, writer, result)
+    with WorkerWriter(store, writer_name, shard_bytes) as writer:
+        encode_windows(encoder, window_plan(chunk, encoder.window_utterances), done, budget, writer, result, workers)
     return result.encoded, writer.failures

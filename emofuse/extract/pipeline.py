@@ -1,8 +1,9 @@
 """The batch stage: run each frozen encoder over a corpus once and write its features to a store.
 
-For each modality:  pending ids -> prepare (threads) -> length buckets -> encode -> shard writer.
-Ids already in the store (or already recorded as failures) are skipped, so a second run does no
-encoder work and a killed run resumes, redoing at most one unwritten shard.
+For each modality:  windows -> prepare (threads) -> length buckets -> encode -> shard writer.
+Ids already in the store (or already recorded as failures) are not written again, so a second run
+does no encoder work and a killed run resumes, redoing at most one unwritten shard (plus the batches
+of the one window it was in, see window_plan).
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from emofuse.extract.encoders.base import Encoder, build_encoder, fingerprint, t
 
 # Utterances are prepared a window at a time (encoder.window_utterances; sorted by length into
 # batches); the next window is prepared while this one encodes.
+#
+# The batch plan (windows, then length batches inside each window) depends on the corpus, the
+# encoder's window and the batch budget only, never on what an earlier run already stored: windows
+# are cut from ALL utterances in their given order, and an utterance already done stays in its
+# window (it is prepared, and encoded when a batch mate is not done, but not written again). An
+# utterance's features may depend on its batch mates in the last bits (exact-length text forwards,
+# audio convolutions), so this is what makes a resumed or distributed run bit-identical to an
+# uninterrupted single-process one with the same config. The cost: a resume re-prepares the one
+# window that was in progress at the kill and re-encodes its batches that hold an unwritten
+# utterance; windows with nothing left to do are skipped without any work.
 
 
 @dataclass
@@ -118,10 +129,33 @@ def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: P
         log(f"{modality}: skipping {result.skipped} utterances already done, encoding {len(todo)}")
 
     start = time.perf_counter()
-    size = encoder.window_utterances
-    windows = [todo[i : i + size] for i in range(0, len(todo), size)]
-    with store.writer(writer_name, shard_bytes) as writer, ThreadPoolExecutor(max(1, workers)) as pool, \
+    windows = window_plan(utterances, encoder.window_utterances)
+    with store.writer(writer_name, shard_bytes) as writer, \
             tqdm(total=len(todo), desc=f"extract {modality}", unit="utt", disable=not progress) as bar:
+        encode_windows(encoder, windows, done, budget, writer, result, workers, advance=bar.update)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def window_plan(utterances: list[Utterance], size: int) -> list[list[Utterance]]:
+    """`utterances` in their given order, cut into windows of `size`: the first cut of the batch
+    plan. Always cut from every utterance of the corpus (or of a chunk that starts on a window
+    boundary), never from the ones still to do: a resumed run then meets the windows, and so the
+    batches, of an uninterrupted one."""
+    return [utterances[i : i + size] for i in range(0, len(utterances), size)]
+
+
+def encode_windows(encoder: Encoder, windows: list[list[Utterance]], done: set[str], budget: int, writer,
+                   result: ModalityResult, workers: int = 2, advance=lambda n: None) -> None:
+    """Prepare, batch and encode each window that holds an utterance not in `done`, and write (or
+    record as failed) only those. A window entirely done is skipped; a partly done one is prepared
+    whole, so that its length batches are the ones an uninterrupted run formed, and of those only
+    the batches holding an utterance still to do are encoded. Nothing in `done` is written, nor its
+    failure recorded or counted, again. `advance(n)`: n utterances of the window were handled."""
+    windows = [w for w in windows if any(u.id not in done for u in w)]
+    if not windows:
+        return
+    with ThreadPoolExecutor(max(1, workers)) as pool:
         pending = [pool.submit(_prepare, encoder, u) for u in windows[0]]
         for k, window in enumerate(windows):
             prepared = [f.result() for f in pending]
@@ -129,14 +163,12 @@ def extract_modality(utterances: list[Utterance], encoder: Encoder, cache_dir: P
                 pending = [pool.submit(_prepare, encoder, u) for u in windows[k + 1]]
             ready = []
             for utt, item in prepared:
-                if isinstance(item, PrepareError):
-                    _fail(writer, result, utt, item.stage, item.reason)
-                else:
+                if not isinstance(item, PrepareError):
                     ready.append((utt, item))
-            _encode_window(encoder, ready, budget, writer, result)
-            bar.update(len(window))
-    result.seconds = time.perf_counter() - start
-    return result
+                elif utt.id not in done:
+                    _fail(writer, result, utt, item.stage, item.reason)
+            _encode_window(encoder, ready, budget, writer, result, done)
+            advance(sum(1 for u in window if u.id not in done))
 
 
 def _prepare(encoder: Encoder, utt: Utterance):
@@ -148,10 +180,13 @@ def _prepare(encoder: Encoder, utt: Utterance):
         return utt, e
 
 
-def _encode_window(encoder: Encoder, ready: list, budget: int, writer, result: ModalityResult) -> None:
+def _encode_window(encoder: Encoder, ready: list, budget: int, writer, result: ModalityResult,
+                   done: set[str]) -> None:
     sizes = [encoder.size(item) for _, item in ready]
     for batch in length_batches(sizes, budget):
         utts = [ready[i][0] for i in batch]
+        if all(u.id in done for u in utts):
+            continue  # written by an earlier run, from this very batch
         items = [ready[i][1] for i in batch]
         try:
             outputs = encoder.encode(items)
@@ -161,6 +196,8 @@ def _encode_window(encoder: Encoder, ready: list, budget: int, writer, result: M
             # One bad item (or memory) should not sink its batch mates: retry them alone.
             outputs = _encode_one_by_one(encoder, items)
         for utt, out in zip(utts, outputs):
+            if utt.id in done:
+                continue  # only a batch mate here: stored (or failed) by an earlier run
             if isinstance(out, Exception):
                 _fail(writer, result, utt, getattr(out, "stage", "encode"), getattr(out, "reason", str(out)))
                 continue

@@ -25,7 +25,8 @@ def find_store(cache_dir: Path, modality: str, spec: dict) -> FeatureStore:
     """The store in `cache_dir` made for `modality` with an encoder whose full spec agrees with
     every setting given in `spec` (the config names a few settings; store.json has them all).
     A store made with other settings is never used: the error names it, both fingerprints and
-    the settings that differ."""
+    the settings that differ. Of several stores that agree with what the config names, the one made
+    with the config's full spec (same fingerprint) is used; if none or several are, that is an error."""
     spec = {k: v for k, v in spec.items() if k not in RUNTIME_OPTIONS}
     candidates, others = [], []
     for meta_path in sorted(Path(cache_dir).glob(f"{modality}-*/store.json")):
@@ -44,11 +45,20 @@ def find_store(cache_dir: Path, modality: str, spec: dict) -> FeatureStore:
         raise UserError(_no_match_message(cache_dir, modality, spec, others))
     if len(candidates) > 1:
         metas = [json.loads((p / "store.json").read_text()) for p in candidates]
+        # The config's full spec (every default) tells them apart, e.g. a store made before a change
+        # of the encoder's defaults or of its padding policy beside one made after: only on this
+        # path, as it loads the model.
+        full, _ = config_full_spec(modality, spec)
+        exact = [p for p, m in zip(candidates, metas) if full is not None and m["fingerprint"] == fingerprint(full)]
+        if len(exact) == 1:
+            return FeatureStore(exact[0])
         names = ", ".join(f"{p.name} (fingerprint {m['fingerprint'][:12]})" for p, m in zip(candidates, metas))
         differ = sorted({k for m in metas[1:] for k in set(m["encoder"]) | set(metas[0]["encoder"])
                          if m["encoder"].get(k) != metas[0]["encoder"].get(k)})
+        ours = f"; the config's settings give fingerprint {fingerprint(full)[:12]}" if full is not None else ""
         raise UserError(f"several {modality} stores in {cache_dir} match {spec}: {names}, differing in "
-                        f"{', '.join(differ)}; name more encoder settings in the config, or remove the stale store")
+                        f"{', '.join(differ)}{ours}; name more encoder settings in the config, or remove the "
+                        f"stale store")
     return FeatureStore(candidates[0])
 
 

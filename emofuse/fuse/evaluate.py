@@ -85,7 +85,8 @@ def check_fingerprints(seed_dir: Path, data) -> None:
                     if trained_spec is not None and store is not None else "")
             raise UserError(f"{seed_dir}: trained on {m} features with fingerprint {fp[:12]}, the cache has "
                             f"{str(have)[:12]}{f' ({diff})' if diff else ''}; re-extract with the run's encoder "
-                            f"settings")
+                            f"settings, or train the run again on this cache (the only way when the setting is new "
+                            f"in this version of emofuse, such as the text padding)")
 
 
 def load_test_split(run: Path):

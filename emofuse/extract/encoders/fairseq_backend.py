@@ -42,7 +42,7 @@ from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import file_sha256, register
 from emofuse.extract.encoders.chunking import conv_output_length
 from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
-from emofuse.extract.encoders.hf import HFEncoder, pick_device, precision
+from emofuse.extract.encoders.hf import TEXT_PADDING, HFEncoder, pick_device, precision
 from emofuse.extract.media import load_audio
 
 INSTALL_HINT = "pip install emofuse[fairseq] (see README)"
@@ -348,8 +348,8 @@ class FairseqEncoder(HFEncoder):
             "layer": self.layer,
             "dtype": self.dtype,
         }
-        if self.modality == "text":
-            spec.update(max_tokens=self.max_tokens, overlap=self.overlap)
+        if self.modality == "text":  # HFEncoder._forward's padding applies here too
+            spec.update(max_tokens=self.max_tokens, overlap=self.overlap, padding=TEXT_PADDING)
         else:
             spec.update(sample_rate=self.sample_rate, normalize=self.normalize,
                         chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds)

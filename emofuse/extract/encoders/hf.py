@@ -1,9 +1,12 @@
 """Any transformers encoder in a local folder: audio (wav2vec2, HuBERT, WavLM, data2vec-audio) or text
 (BERT, RoBERTa, MiniLM, ...). Nothing is downloaded: the folder must already hold the model.
 
-Batch invariance: an utterance's features never depend on what it was batched with.
+Batching: an utterance's features never depend on its batch mates beyond float rounding (within
+1e-5 of encoding it alone), and are bit-identical whenever the batch plan is the same, which the
+pipeline guarantees for the same corpus and config (see PAD_MULTIPLE).
 - Text models and audio models with a layer-norm feature encoder take an attention mask: a batch
-  is padded and masked (and each utterance's rows are cut back to its own length).
+  is padded (text: not at all, see PAD_MULTIPLE) and masked, and each utterance's rows are cut
+  back to its own length.
 - Audio models with a group-norm feature encoder (feat_extract_norm="group", e.g. wav2vec2-base,
   HuBERT-base) normalise over the whole padded input and were never trained with a mask: their
   inputs are only batched with inputs of exactly the same length.
@@ -32,11 +35,24 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 # As large as the pipeline's default batch budgets, so that ordinary batches are never split.
 FORWARD_BUDGET = {"text": 8192, "audio": 16000 * 60}
 # Inputs are padded to a multiple of this (tokens; samples: 0.25 s at 16 kHz), see _forward.
-# Text at 16 costs padding (36% of positions on MELD's short transcripts) and speed: equal exact
-# lengths only (no padding) ran 1.5x faster, but then an utterance's features changed with how
-# many others shared its forward (matrix kernels block odd sizes differently: the kill-loop test
-# saw 46 of 4,992 values differ by 1 ulp). Multiples of 16 keep them bit-identical.
-PAD_MULTIPLE = {"text": 16, "audio": 4000}
+# Text is not padded at all: a forward holds texts (or windows of long texts) of exactly one
+# length. With exact lengths an utterance's features change in the last bits with how many others
+# share its forward (matrix kernels block odd sizes differently: 46 of 4,992 values by 1 ulp in the
+# kill-loop test), which used to break resume; text was padded to multiples of 16 for that, at a
+# cost of 35.5% padded positions on MELD's short transcripts (24.6% on the demo corpus) and of
+# speed (exact lengths extract MELD's text 1.44x faster: bench/text_padding.py). Exact lengths are
+# safe now because the batch plan is fixed (pipeline.window_plan): windows are cut from the whole
+# corpus, never from what is left to do, so the same corpus and config give the same batches,
+# hence bit-identical features, in an uninterrupted run, after any number of kills and resumes,
+# and across dask workers, given the same torch thread count and device (with exact lengths the
+# thread count shows in the last bits too: 1 and 2 threads differ in 1,558 of 226,944 float16
+# values on the demo transcripts, none at multiples of 16). Against encoding an utterance alone,
+# with other batch mates (another batch budget) or another thread count, features agree within
+# 1e-5, not bit for bit.
+# TEXT_PADDING names this policy in the encoder spec: stores made under another one (multiples of
+# 16, no "padding" in their spec) get another fingerprint, so a store never mixes the two.
+PAD_MULTIPLE = {"text": 1, "audio": 4000}
+TEXT_PADDING = "exact"
 
 
 def check_model_folder(path) -> Path:
@@ -197,7 +213,9 @@ class HFEncoder(Encoder):
         else:
             self._init_audio(folder, chunk_seconds, overlap_seconds)
         # Token ids are tiny: sort many utterances together. Padded share of MiniLM's batches on
-        # MELD's 13,000 transcripts: 65% with windows of 64, 8.7% with 2048, 3.2% with 8192.
+        # MELD's 13,000 transcripts: 65% with windows of 64, 8.7% with 2048, 3.2% with 8192 (if
+        # padded to each batch's longest; forwards now hold one exact length, and a large window
+        # fills them with more texts of that length).
         # Waveforms are ~0.3 MB per 5 s clip: 256 of them.
         self.window_utterances = 8192 if self.modality == "text" else 256
 
@@ -267,7 +285,7 @@ class HFEncoder(Encoder):
             "dtype": self.dtype,
         }
         if self.modality == "text":
-            spec.update(max_tokens=self.max_tokens, overlap=self.overlap)
+            spec.update(max_tokens=self.max_tokens, overlap=self.overlap, padding=TEXT_PADDING)
         else:
             spec.update(sample_rate=self.sample_rate, chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds)
         return spec
@@ -340,12 +358,11 @@ class HFEncoder(Encoder):
     def _forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Each input's unpadded (T, D) or (T, L, D) output, in order.
 
-        An input is padded to a length that depends on its own length only (_padded_length) and
-        shares forwards only with inputs padded alike. Padded to the longest of its batch instead,
-        its features would depend on its batch mates (sums over the padded length round
-        differently: 0 of 40 MiniLM outputs matched their unbatched selves, 40 of 40 with equal
-        padding), and an extraction resumed after a kill, which batches differently, would not
-        reproduce an uninterrupted one bit for bit.
+        An input is padded to a length that depends on its own length only (_padded_length: text
+        not at all) and shares forwards only with inputs padded alike, so its padding never depends
+        on its batch mates (padded to the longest of its batch, 0 of 40 MiniLM outputs matched
+        their unbatched selves). What does depend on them, in the last bits, is how many inputs
+        share a forward; the pipeline's fixed batch plan makes that reproducible (PAD_MULTIPLE).
         """
         groups = defaultdict(list)
         for i, x in enumerate(inputs):
@@ -358,8 +375,9 @@ class HFEncoder(Encoder):
         return outputs
 
     def _padded_length(self, n: int) -> int:
-        """The next multiple of PAD_MULTIPLE (within the text window); models without an attention
-        mask see no padding at all: only inputs of exactly the same length share a forward."""
+        """The next multiple of PAD_MULTIPLE (within the text window; text: its own length); models
+        without an attention mask see no padding at all: only inputs of exactly the same length
+        share a forward."""
         if not self.masked:
             return n
         m = PAD_MULTIPLE[self.modality]
