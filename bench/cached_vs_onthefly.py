@@ -84,12 +84,13 @@ def fusion(seed: int = 0, preset: str = "fast"):
     import torch
 
     from emofuse.fuse.model import SSEFT, FusionConfig
+    from emofuse.fuse.train import adamw
 
     torch.manual_seed(seed)
     cfg = FusionConfig(modalities=["audio", "text", "video"], input_dims=DIMS, num_layers_in={}, num_outputs=1,
                        preset=preset)
     model = SSEFT(cfg)
-    return model, torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    return model, adamw(model, lr=3e-4, weight_decay=0.01)
 
 
 def train_step(model, opt, feats, masks, present, y):

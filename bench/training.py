@@ -132,8 +132,9 @@ def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches
+    from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches, prefetched
     from emofuse.fuse.model import MODALITIES, SSEFT, FusionConfig
+    from emofuse.fuse.train import adamw
 
     device = args.device
     if device == "cpu":  # `auto`: probed here, just before this configuration is measured
@@ -179,7 +180,7 @@ def worker(args) -> dict:
                        num_outputs=1, **overrides)
     model = SSEFT(cfg).to(device)
     out["parameters"] = model.count_parameters()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    opt = adamw(model, lr=3e-4, weight_decay=0.01)
     batches = make_batches(ids, lengths, args.batch_size, shuffle=True, rng=np.random.default_rng(1))
     shapes = data.frame_shapes()
 
@@ -219,9 +220,10 @@ def worker(args) -> dict:
     samples = 0
     measured, shapes_seen = [], []
     start = time.perf_counter()
+    stream = prefetched(batches[k:], get_batch)  # as emofuse's training loop reads them
     while k < len(batches):
         t0 = time.perf_counter()
-        b = get_batch(batches[k])
+        b = next(stream)
         shapes_seen.append({"feats": {m: tuple(v.shape) for m, v in b[0].items()},
                             "masks": {m: tuple(v.shape) for m, v in b[1].items()}, "present": tuple(b[2].shape)})
         sync()
@@ -238,6 +240,7 @@ def worker(args) -> dict:
         if time.perf_counter() - start >= args.seconds and len(measured) >= args.min_steps:
             break
     wall = time.perf_counter() - start
+    stream.close()
     out.update(steps=len(measured), samples=samples, seconds=wall, data_seconds=data_s, compute_seconds=compute_s,
                samples_per_s=samples / wall, data_wait_fraction=data_s / (data_s + compute_s),
                epoch_utterances=len(ids), epoch_seconds_extrapolated=len(ids) * wall / samples,

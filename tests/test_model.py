@@ -193,12 +193,12 @@ def test_fit_length_is_a_masked_mean_over_every_real_frame():
 
 
 def test_pool_time_masked_mean():
-    x = torch.tensor([[1.0, 3.0, 5.0, 7.0, 100.0]]).unsqueeze(-1)
-    mask = torch.tensor([[True, True, True, False, False]])
+    x = torch.tensor([[1.0, 3.0, 5.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0, 6.0]]).unsqueeze(-1)  # zero padding, as Stream leaves it
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
     y, m = pool_time(x, mask, 2)
-    # windows (1, 3) -> 2; (5, pad) -> 5; (pad, pad) -> masked
-    assert y[0, :2, 0].tolist() == [2.0, 5.0]
-    assert m[0].tolist() == [True, True, False]
+    # windows (1, 3) -> 2; (5, pad) -> 5; (pad) -> masked;  (1, 2), (3, 4), (6): the last window is shorter
+    assert y[0, :2, 0].tolist() == [2.0, 5.0] and y[1, :, 0].tolist() == [1.5, 3.5, 6.0]
+    assert m.tolist() == [[True, True, False], [True, True, True]]
 
 
 def test_config_round_trip_and_errors():
@@ -222,7 +222,7 @@ def test_presets_fill_what_the_config_leaves_out():
     assert paper.self_layers == {"audio": 2, "text": 0, "video": 1}  # key by key
     fast = FusionConfig(modalities=["audio"], input_dims=dims, num_layers_in={}, num_outputs=1, dropout=0.3)
     assert (fast.preset, fast.width, fast.cross_layers, fast.dropout, fast.attn_dropout) == ("fast", 128, 1, 0.3, 0.0)
-    assert fast.pool_stride == {"audio": 4, "text": 1, "video": 2}
+    assert fast.pool_stride == {"audio": 8, "text": 1, "video": 2}
     with pytest.raises(UserError, match="preset must be one of paper, fast"):
         FusionConfig(modalities=["audio"], input_dims=dims, num_layers_in={}, num_outputs=1, preset="tiny")
 
