@@ -309,6 +309,7 @@ def test_dropout_keeps_the_expected_share_and_mean():
     pairs = (y.flatten()[:-1:2] != 0) & (y.flatten()[1::2] != 0)
     assert abs(pairs.float().mean().item() - 0.49) < 0.004
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    assert not Dropout(1.0)(x).any() and Dropout(0.999999)(x).isfinite().all()  # like nn.Dropout
     torch.manual_seed(1)
     a = Dropout(0.5)(x)
     torch.manual_seed(1)

@@ -190,7 +190,9 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        drop = round(self.p * 65536)
+        if self.p >= 1:
+            return x * 0.0
+        drop = min(round(self.p * 65536), 65535)
         n = x.numel()
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
         uniform = bits.view(torch.int16)[:n].view(x.shape)  # each of the 65,536 values equally likely
