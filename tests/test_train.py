@@ -88,6 +88,10 @@ def test_interrupted_training_resumes_exactly(toy_run, monkeypatch):
 def test_resume_of_a_finished_run_does_no_training(toy_run, monkeypatch):
     cfg = load_config(toy_run)
     first = train(cfg, progress=False, log=lambda *_: None)
+    # a seed finished by an earlier emofuse, whose result.json had no task or modalities
+    done = Path(cfg.train.runs) / "full" / "seed-0" / "result.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items()
+                                if k not in ("task", "modalities")}))
     monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("a finished seed was trained again"))
     again = resume_run(cfg.train.runs + "/full", progress=False, log=lambda *_: None)
     assert again["test"] == first["test"]

@@ -203,6 +203,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     board = tensorboard_writer(run_dir, purge_step=first) if t.tensorboard else None
     bar = tqdm(range(first, t.epochs if not stopped else first), desc=f"train seed {seed}", unit="epoch",
                initial=first, total=t.epochs, disable=not progress)
+
     def load(batch):
         y = torch.as_tensor(np.array([targets[i] for i in batch]),
                             dtype=torch.float32 if p.task == "regression" else torch.long)
@@ -425,7 +426,11 @@ def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None =
     results = [results[s] for s in seeds]
     for r in results:
         log(f"seed {r['seed']}: best epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
-    summary = {"protocol": results[0]["protocol"], "task": results[0]["task"], "modalities": results[0]["modalities"],
+    about = results[0]
+    if "task" not in about:  # a seed finished by an emofuse that did not record task and modalities
+        data = data or load_data(cfg)
+        about = {"protocol": data.protocol.name, "task": data.protocol.task, "modalities": list(data.stores)}
+    summary = {"protocol": about["protocol"], "task": about["task"], "modalities": about["modalities"],
                "seeds": seeds, "test": summarize(results)}
     (run_root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
