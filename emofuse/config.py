@@ -67,6 +67,11 @@ class TrainConfig:
     seed: int = 0
     seeds: int = 1  # run seeds seed, seed+1, ...
     modality_dropout: float = 0.0  # chance to hide each present modality of a training sample
+    # train-time augmentation of the normalised features (emofuse/fuse/train.py: augment): Gaussian
+    # noise of this standard deviation on every real frame; one span of up to this fraction of each
+    # sample's frames set to zero (SpecAugment-style time masking). 0 = off.
+    feature_noise: float = 0.0
+    time_mask: float = 0.0
     normalize: bool = True  # standardise each feature dim with train-split mean/std (opensmile LLDs span Hz and dB)
     max_frames: int = 0  # 0 = keep all frames; else evenly subsample longer sequences (train and test alike)
     num_threads: int = 0  # torch threads; 0 = torch's default (with workers > 1: the cores shared out)
@@ -208,6 +213,8 @@ def check_values(cfg: Config) -> None:
     # numpy seeds are 32-bit: seed .. seed + seeds - 1 must all be
     number("train.seed", t.seed, 0, high=2**32 - t.seeds, high_inclusive=True)
     number("train.modality_dropout", t.modality_dropout, 0, high=1)
+    number("train.feature_noise", t.feature_noise, 0)
+    number("train.time_mask", t.time_mask, 0, high=1, high_inclusive=True)
     need(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights, "none or balanced")
     for key in ("max_frames", "num_threads", "preload_gb"):
         number(f"train.{key}", getattr(t, key), 0)

@@ -83,6 +83,27 @@ def test_padding_frames_do_not_change_the_output():
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("modalities", [["audio"], ["audio", "text"]], ids=["A", "AT"])
+def test_stats_pool_reads_mean_and_std_of_the_real_frames(modalities):
+    cfg = small_config(modalities, stats_pool=True, dropout=0.0)
+    model = model_for(cfg)
+    assert model.head[1].in_features == 3 * 16 * len(modalities)  # position 0, mean, std per modality
+    feats, masks = make_batch(cfg, {m: [7, 4] for m in modalities})
+    before = model(feats, masks)
+    padded_f = {m: torch.cat([feats[m], 100 * torch.randn(2, 5, *feats[m].shape[2:])], dim=1) for m in modalities}
+    padded_m = {m: torch.cat([masks[m], torch.zeros(2, 5, dtype=torch.bool)], dim=1) for m in modalities}
+    torch.testing.assert_close(model(padded_f, padded_m), before, atol=1e-5, rtol=0)  # padding ignored
+    # the statistics reach the head: zeroing the head's weights on them changes the output
+    with torch.no_grad():
+        model.head[1].weight[:, 16 * len(modalities):] = 0
+    assert not torch.allclose(model(feats, masks), before, atol=1e-4)
+    # an absent modality gives zero statistics, like its zero pooled vector
+    if len(modalities) > 1:
+        from emofuse.fuse.model import stats_pool
+        assert stats_pool(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool)).abs().sum() == 0
+    assert small_config(modalities).stats_pool is False  # off in the presets
+
+
 def test_sample_output_does_not_depend_on_the_rest_of_the_batch():
     cfg = small_config(["audio", "text", "video"])
     model = model_for(cfg)

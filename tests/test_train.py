@@ -279,3 +279,33 @@ def test_balanced_class_weights_and_the_selection_metric(toy_run):
         train(load_config(toy_run, ["train.select_metric=mae"]), progress=False, log=lambda *_: None)
     with pytest.raises(UserError, match="class_weights must be none or balanced"):
         load_config(toy_run, ["train.class_weights=inverse"])
+
+
+def test_feature_augmentation_noise_and_time_mask():
+    import torch
+
+    from emofuse.fuse.train import augment
+
+    gen = torch.Generator().manual_seed(0)
+    x = {"audio": torch.ones(3, 20, 4), "text": torch.ones(3, 6, 2, 5)}  # text: (B, T, L, D)
+    lengths = torch.tensor([20, 10, 1])
+    masks = {m: torch.arange(v.shape[1])[None] < lengths[:, None].clamp(max=v.shape[1]) for m, v in x.items()}
+    x = {m: v * masks[m].reshape(*masks[m].shape, *[1] * (v.dim() - 2)) for m, v in x.items()}  # zero padding
+    assert augment(x, masks, 0.0, 0.0, gen) is x  # off: untouched
+    noisy = augment(x, masks, 0.5, 0.0, gen)
+    for m in x:
+        pad = ~masks[m]
+        assert (noisy[m][pad] == 0).all() and (noisy[m][masks[m]] != 1).all()  # every real frame, no padding
+        assert 0.3 < (noisy[m] - x[m])[masks[m]].std() < 0.7
+    for _ in range(20):
+        cut = augment(x, masks, 0.0, 0.5, gen)["audio"][..., 0]
+        for b, n in enumerate(lengths.tolist()):
+            zeros = (cut[b, :n] == 0).nonzero().flatten()
+            assert len(zeros) <= 0.5 * n  # at most half of the real frames, in one span
+            if len(zeros):
+                assert zeros.tolist() == list(range(zeros[0], zeros[0] + len(zeros)))
+            assert (cut[b, n:] == 0).all()
+    spans = [(augment(x, masks, 0.0, 0.5, gen)["audio"][0] == 0).all(-1).sum().item() for _ in range(50)]
+    assert max(spans) > 5  # long spans happen (up to 10 of sample 0's 20 frames)
+    with pytest.raises(Exception, match="time_mask must be"):
+        load_config(None, ["train.time_mask=1.5"])

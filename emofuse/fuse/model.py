@@ -7,7 +7,8 @@ Read top to bottom:
   Stream        - one modality: layer mix -> pooling -> (fast) projection -> start token
                   -> positions -> LayerNorm -> dropout -> self-attention layers
   CrossStack    - query modality attends to a source modality, layer by layer
-  SSEFT         - streams, the six directional cross stacks, Hadamard pooling, head
+  SSEFT         - streams, the six directional cross stacks, Hadamard pooling, (statistics
+                  pooling,) head
 
 Shapes: B batch, T frames, L encoder layers, D feature width, W model width of a modality.
 Masks are True for a real frame. A modality can be absent for a sample (`present`):
@@ -48,9 +49,11 @@ CROSS_PAIRS = (
 #          on a CPU (bench/training.py). Attention dropout masks were ~40% of a CPU step.
 PRESETS = {
     "paper": dict(width=128, self_layers={"audio": 2, "text": 0, "video": 2}, cross_layers=2, heads=4, ffn=1024,
-                  dropout=0.1, attn_dropout=0.1, pool_stride={"audio": 1, "text": 1, "video": 1}, max_positions=512),
+                  dropout=0.1, attn_dropout=0.1, pool_stride={"audio": 1, "text": 1, "video": 1}, max_positions=512,
+                  stats_pool=False),
     "fast": dict(width=128, self_layers={"audio": 1, "text": 0, "video": 1}, cross_layers=1, heads=4, ffn=512,
-                 dropout=0.1, attn_dropout=0.0, pool_stride={"audio": 8, "text": 1, "video": 2}, max_positions=512),
+                 dropout=0.1, attn_dropout=0.0, pool_stride={"audio": 8, "text": 1, "video": 2}, max_positions=512,
+                 stats_pool=False),
 }
 
 
@@ -69,6 +72,9 @@ class Architecture:
     attn_dropout: Optional[float] = None
     pool_stride: Optional[dict[str, int]] = None  # mean-pool this many frames into one, per modality
     max_positions: Optional[int] = None  # learned positions, start token included; longer inputs are mean-pooled
+    # Statistics pooling: the head also reads each modality's masked mean and standard deviation over
+    # its self-attended frames (2W more inputs per modality; x-vector style), besides position 0.
+    stats_pool: Optional[bool] = None
 
     def __post_init__(self):
         defaults = PRESETS.get(self.preset)
@@ -169,6 +175,15 @@ def fit_length(x: Tensor, mask: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
     sums = x.new_zeros(B, max_len, D).scatter_add_(1, bins[..., None].expand(-1, -1, D), x * w[..., None])
     counts = x.new_zeros(B, max_len).scatter_add_(1, bins, w)
     return sums / counts.clamp(min=1)[..., None], counts > 0
+
+
+def stats_pool(x: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean and standard deviation over time: (B, T, W) -> (B, 2W); zeros for no real frame."""
+    w = mask[..., None].to(x.dtype)
+    n = w.sum(1).clamp(min=1)
+    mean = (x * w).sum(1) / n
+    var = (((x - mean[:, None]) ** 2) * w).sum(1) / n
+    return torch.cat([mean, (var + 1e-5).sqrt()], dim=-1) * (mask.any(1)[:, None].to(x.dtype))
 
 
 # --------------------------------------------------------------------------- layers
@@ -321,7 +336,7 @@ class SSEFT(nn.Module):
         self.streams = nn.ModuleDict({m: Stream(cfg, m) for m in cfg.modalities})
         self.pairs = [(q, s) for q, s in CROSS_PAIRS if q in cfg.modalities and s in cfg.modalities]
         self.cross = nn.ModuleDict({f"{q}_to_{s}": CrossStack(cfg, q, s) for q, s in self.pairs})
-        fused = sum(cfg.width_of(m) for m in cfg.modalities)
+        fused = sum(cfg.width_of(m) for m in cfg.modalities) * (3 if cfg.stats_pool else 1)
         self.head = nn.Sequential(
             Dropout(cfg.dropout),
             nn.Linear(fused, fused),
@@ -358,8 +373,8 @@ class SSEFT(nn.Module):
                 mask = torch.zeros(B, 1, dtype=torch.bool, device=device)
             # A modality with no real frame for a sample counts as absent for it.
             here[m] = present[:, i] & mask.any(1)
-            # A stream that is no other modality's keys/values is read at position 0 only.
-            start_only = not self.pairs
+            # A stream that is no other modality's keys/values (nor pooled over time) is read at position 0 only.
+            start_only = not self.pairs and not cfg.stats_pool
             streams[m], valids[m] = self.streams[m](x, mask & here[m][:, None], start_only)
 
         pooled = []
@@ -375,6 +390,10 @@ class SSEFT(nn.Module):
             for o in outs[1:]:  # Hadamard product of this modality's cross outputs
                 v = v * o
             pooled.append(v * here[m][:, None].to(v.dtype))  # absent -> zero vector
+        if cfg.stats_pool:
+            for m in cfg.modalities:
+                s = stats_pool(streams[m][:, 1:], valids[m][:, 1:])
+                pooled.append(s * here[m][:, None].to(s.dtype))  # absent -> zero vector
         return self.head(torch.cat(pooled, dim=-1))
 
     def _present(self, present, B: int, device) -> Tensor:

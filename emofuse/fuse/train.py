@@ -112,6 +112,32 @@ def drop_modalities(present: torch.Tensor, rate: float, gen: torch.Generator) ->
     return dropped
 
 
+def augment(feats: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], noise: float, time_mask: float,
+            gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Train-time feature augmentation, on the normalised features of a batch:
+    noise      add Gaussian noise of this standard deviation to every real frame;
+    time_mask  set one span of each sample's real frames to zero (the train mean), its length drawn
+               uniformly from 0 to this fraction of the sample's frames (SpecAugment-style).
+    Padding stays zero."""
+    if noise <= 0 and time_mask <= 0:
+        return feats
+    out = {}
+    for m, x in feats.items():
+        mask = masks[m].bool()
+        if time_mask > 0:
+            n = mask.sum(1)
+            span = (torch.rand(n.shape, generator=gen) * time_mask * n).long()
+            start = (torch.rand(n.shape, generator=gen) * (n - span + 1)).long()
+            t = torch.arange(mask.shape[1])[None, :]
+            mask = mask & ~((t >= start[:, None]) & (t < (start + span)[:, None]))
+            x = x * mask.reshape(*mask.shape, *[1] * (x.dim() - 2))
+        if noise > 0:
+            real = masks[m].reshape(*mask.shape, *[1] * (x.dim() - 2))
+            x = x + noise * torch.randn(x.shape, generator=gen) * real
+        out[m] = x
+    return out
+
+
 @torch.no_grad()
 def predict(model: SSEFT, data: CachedData, ids: list[str], normalizer: Normalizer | None,
             max_frames: int, batch_size: int = 64, present_override: dict[str, bool] | None = None,
@@ -217,6 +243,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         for feats, masks, present, y in tqdm(steps, total=len(batches), desc=f"epoch {epoch}", unit="step",
                                              leave=False, disable=not progress):
             present = drop_modalities(present, t.modality_dropout, gen)
+            feats = augment(feats, masks, t.feature_noise, t.time_mask, gen)
             loss = loss_fn(p.task, model(feats, masks, present), y, class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
