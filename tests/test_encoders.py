@@ -403,17 +403,22 @@ def tiny(tmp_path_factory):
 
 
 def reference_audio_forward(enc, item):
-    """The transformers model's own forward on one unpadded input."""
+    """transformers' own forward on one unpadded input: a fresh model from the same folder (enc's
+    runs its convs through conv_features.ChannelsLastFeatureEncoder)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(enc.folder, local_files_only=True).eval()
     with torch.inference_mode():
-        return enc.model(torch.from_numpy(item)[None], output_hidden_states=True)
+        return model(torch.from_numpy(item)[None], output_hidden_states=True)
 
 
 @pytest.mark.parametrize("variant", ["w2v_layer", "w2v_stable", "w2v_group"])
 def test_hf_audio(tiny, tmp_path, variant):
     enc = build_encoder("audio", {"backend": "hf", "path": tiny[variant]})  # modality read from the config
     assert enc.modality == "audio" and enc.dim == 32 and enc.fps == 50.0
-    assert enc.masked == (variant != "w2v_group")
-    utts = [wav_utt(tmp_path, f"u{i}", s, seed=i) for i, s in enumerate([0.5, 0.83, 1.2, 0.5])]
+    assert enc.masked  # group norm too: ours normalises each input over its own samples
+    # 0.45 s shares the padded length of 0.5 s (multiples of 0.25 s): padded in their batch
+    utts = [wav_utt(tmp_path, f"u{i}", s, seed=i) for i, s in enumerate([0.5, 0.83, 1.2, 0.45])]
     items = [enc.prepare(u) for u in utts]
     outs = enc.encode(items)
     for it, out in zip(items, outs):
@@ -425,7 +430,8 @@ def test_hf_audio(tiny, tmp_path, variant):
     spec = enc.full_spec()
     assert spec["checkpoint_sha256"] == {"model.safetensors": file_sha256(f"{tiny[variant]}/model.safetensors")}
     assert spec["sample_rate"] == 16000 and spec["layer"] == -1 and spec["dtype"] == "float32"
-    assert "padding" not in spec  # audio's padding did not change: its stores stay valid
+    assert "padding" not in spec  # audio's padding did not change
+    assert spec["feature_encoder"] == "channels-last-matmul"
 
 
 def test_hf_audio_layers_and_chunking(tiny, tmp_path):
@@ -509,6 +515,63 @@ def test_hf_precast_weights_equal_plain_autocast(tiny, tmp_path, name, modality)
     plain = enc.encode([enc.prepare(u)])[0]
     np.testing.assert_array_equal(precast, plain)
     assert precast_for_autocast(enc.model, torch.bfloat16) > 0
+
+
+def audio_models():
+    """Tiny random models of every wav2vec2-style family transformers has, both conv norms."""
+    from transformers import (Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel, Wav2Vec2Config,
+                              Wav2Vec2Model, WavLMConfig, WavLMModel)
+
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=10)
+    torch.manual_seed(0)
+    yield "wav2vec2-group", Wav2Vec2Model(Wav2Vec2Config(feat_extract_norm="group", **sizes))
+    yield "wav2vec2-layer-bias", Wav2Vec2Model(Wav2Vec2Config(feat_extract_norm="layer", conv_bias=True, **sizes))
+    yield "hubert-group", HubertModel(HubertConfig(feat_extract_norm="group", **sizes))
+    yield "wavlm-layer", WavLMModel(WavLMConfig(feat_extract_norm="layer", **sizes))
+    yield "data2vec-audio", Data2VecAudioModel(Data2VecAudioConfig(**sizes))  # layer norm in every conv layer
+
+
+def test_channels_last_feature_encoder_equals_transformers():
+    """Every conv as one matmul, channels last, and the first layer's GroupNorm folded into it,
+    equal transformers' convolutions in float32 (a batch of two, with a DC offset in one input so
+    that the norm's mean matters). In bf16 it is no further from float32 than transformers' own
+    forward under autocast."""
+    from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, use_channels_last_feature_encoder
+    from emofuse.extract.encoders.hf import precast_for_autocast
+
+    x = torch.from_numpy(np.stack([speech_like(0.7, seed=1), speech_like(0.7, seed=2) + 0.5]))
+    for name, model in audio_models():
+        model.eval()
+        original = model.feature_extractor
+        with torch.inference_mode():
+            ref = original(x)
+            assert use_channels_last_feature_encoder(model), name
+            assert isinstance(model.feature_extractor, ChannelsLastFeatureEncoder)
+            got = model.feature_extractor(x)
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            assert maxdiff(got.numpy(), ref.numpy()) < TOL, name
+
+            precast_for_autocast(model, torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref16 = original(x).float()
+                got16 = ChannelsLastFeatureEncoder(original)(x).float()  # bf16 weights copied now
+            error = lambda a: float(torch.linalg.norm(a - ref) / torch.linalg.norm(ref))  # noqa: E731
+            assert error(got16) < 1.1 * error(ref16), name  # here: 0.6-1.6% against autocast's 0.6-2.5%
+
+
+def test_unsupported_conv_layers_keep_transformers_encoder():
+    """A GroupNorm that pools channels (or a padded conv) is not what the fast path computes: the
+    model keeps transformers' own encoder, and the spec says so."""
+    from emofuse.extract.encoders.conv_features import use_channels_last_feature_encoder
+
+    name, model = next(audio_models())
+    original = model.feature_extractor
+    original.conv_layers[0].layer_norm = torch.nn.GroupNorm(4, 16)
+    assert not use_channels_last_feature_encoder(model) and model.feature_extractor is original
+    name, model = next(audio_models())
+    model.feature_extractor.conv_layers[3].conv.padding = (1,)
+    assert not use_channels_last_feature_encoder(model)
 
 
 def test_hf_errors(tiny, tmp_path):
