@@ -1,15 +1,14 @@
 """The convolutional feature encoder of wav2vec2-style models (wav2vec2, HuBERT, WavLM,
-data2vec-audio), computed channels-last with each strided convolution as one matrix product.
+data2vec-audio), computed channels-last with each strided convolution as matrix products.
 
 Why: on a CPU, PyTorch runs these Conv1d layers through oneDNN in channels-first layout and
 reorders the 512 x T activations around every call. With bf16 weights that made the seven convs
 (~5 GFLOP per second of audio) slower than the twelve transformer layers after them. Here the
-activations stay (B, T, C) from the waveform to the last conv, and a convolution with kernel k
-and stride s is a (T_out, k*C_in) x (k*C_in, C_out) matmul over the windows of the input read as
-an overlapping strided view (im2col): one matmul, accumulated in float32 by the kernel like the
-convolution it replaces. On 2 CPU cores this made the feature encoder of wav2vec2-base ~3x
-faster in bf16 (see bench/README.md); in float32 it agrees with transformers' own forward within
-float rounding (tests/test_encoders.py).
+activations stay (B, T, C) from the waveform to the last conv; a convolution with kernel k and
+stride s is ceil(k/s) matmuls over strided views of its input (strided_conv), and the first
+layer's GroupNorm is folded into its conv (conv_channel_norm). On 2 CPU cores this made the
+feature encoder of wav2vec2-base ~3x faster in bf16 (see bench/README.md); in float32 it agrees
+with transformers' own forward within float rounding (tests/test_encoders.py).
 
 The conv weights are copied once into the matmul layout (k*C_in, C_out), in their dtype at the
 time of the swap (hf.py swaps after casting them for autocast); transformers' module is kept for
