@@ -312,9 +312,11 @@ def make_roberta(folder: Path, **overrides) -> Path:
     return folder
 
 
-def write_clips(folder: Path, n: int, lo: float, hi: float, sr: int = 16000, seed: int = 0) -> list[tuple[Path, float]]:
-    """n WAV files (16-bit PCM, mono) of uniformly drawn durations in [lo, hi] seconds: a few
-    harmonics with a wandering pitch plus noise, so that nothing is silent or constant."""
+def write_clips(folder: Path, n: int, lo: float, hi: float, sr: int = 16000, seed: int = 0,
+                durations: list[float] | None = None) -> list[tuple[Path, float]]:
+    """n WAV files (16-bit PCM, mono) of uniformly drawn durations in [lo, hi] seconds (or of the
+    given durations): a few harmonics with a wandering pitch plus noise, so that nothing is silent
+    or constant."""
     import numpy as np
     import soundfile as sf
 
@@ -322,7 +324,7 @@ def write_clips(folder: Path, n: int, lo: float, hi: float, sr: int = 16000, see
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
-        dur = float(rng.uniform(lo, hi))
+        dur = float(rng.uniform(lo, hi)) if durations is None else durations[i]
         t = np.arange(int(dur * sr)) / sr
         f0 = 120 + 40 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t)
         phase = 2 * np.pi * np.cumsum(f0) / sr

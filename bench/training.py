@@ -28,6 +28,7 @@ on a sample and extrapolated, listed apart.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -132,6 +133,7 @@ def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from emofuse.extract.encoders.hf import precision
     from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches, prefetched
     from emofuse.fuse.model import MODALITIES, SSEFT, FusionConfig
     from emofuse.fuse.train import adamw
@@ -193,8 +195,13 @@ def worker(args) -> dict:
             present, y = present.to(device), y.to(device)
         return feats, masks, present, y
 
+    def lower_precision():
+        # bf16 autocast as the extraction's forwards run it: on a GPU without cuDNN's attention,
+        # which re-plans for every new sequence length (bench/results/gpu_sdpa_check.txt)
+        return precision(torch.bfloat16, device) if args.bf16 else contextlib.nullcontext()
+
     def step(feats, masks, present, y):
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+        with lower_precision():
             loss = F.l1_loss(model(feats, masks, present).squeeze(-1).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -257,21 +264,24 @@ def worker(args) -> dict:
 
     def count(mdl, feats, masks, present, y):
         with FlopCounterMode(display=False) as fc:
-            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+            with lower_precision():
                 loss = F.l1_loss(mdl(feats, masks, present).squeeze(-1).float(), y)
             loss.backward()
         return fc.get_total_flops()
 
+    # At most 40 batches, evenly spaced: on a GPU a run measures hundreds, and counting each one
+    # took longer than the steps themselves.
+    sampled = list(zip(measured, shapes_seen))[:: max(1, -(-len(measured) // 40))]
     flops = n_counted = 0
     try:
         meta = copy.deepcopy(model).to("meta")
-        for k, shp in zip(measured, shapes_seen):
+        for k, shp in sampled:
             z = lambda shape, dtype=torch.float32: torch.ones(shape, dtype=dtype, device="meta")  # noqa: E731
             flops += count(meta, {m: z(v) for m, v in shp["feats"].items()},
                            {m: z(v, torch.bool) for m, v in shp["masks"].items()},
                            z(shp["present"], torch.bool), z((len(batches[k]),)))
             n_counted += len(batches[k])
-        out["flops_counted_on"] = f"all {len(measured)} measured batches (meta tensors)"
+        out["flops_counted_on"] = f"{len(sampled)} of {len(measured)} measured batches (meta tensors)"
     except Exception as e:  # noqa: BLE001 - any meta-device gap: count the real thing instead
         flops = n_counted = 0
         counted = measured[:: max(1, len(measured) // args.flop_batches)][: args.flop_batches]
