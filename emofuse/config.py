@@ -83,6 +83,9 @@ class TrainConfig:
     # "balanced": weigh each class's cross-entropy by n / (classes x its count) in train, so that every
     # class counts alike (what unweighted accuracy scores); "none": every utterance counts alike.
     class_weights: str = "none"
+    # regression: add this weight x (1 - Pearson r of the batch's predictions and targets) to the L1
+    # loss, so that training also rewards tracking the targets' ordering (what r scores); 0 = L1 only
+    corr_loss: float = 0.0
     # the validation metric that picks the best epoch ("" = the task's: weighted_f1, mae, mean_f1),
     # e.g. ua where unweighted accuracy is the number reported
     select_metric: str = ""
@@ -216,6 +219,7 @@ def check_values(cfg: Config) -> None:
     number("train.feature_noise", t.feature_noise, 0)
     number("train.time_mask", t.time_mask, 0, high=1, high_inclusive=True)
     need(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights, "none or balanced")
+    number("train.corr_loss", t.corr_loss, 0)
     for key in ("max_frames", "num_threads", "preload_gb"):
         number(f"train.{key}", getattr(t, key), 0)
 

@@ -309,3 +309,29 @@ def test_feature_augmentation_noise_and_time_mask():
     assert max(spans) > 5  # long spans happen (up to 10 of sample 0's 20 frames)
     with pytest.raises(Exception, match="time_mask must be"):
         load_config(None, ["train.time_mask=1.5"])
+
+
+def test_correlation_loss_adds_one_minus_pearson_r(toy_run):
+    import torch
+    import torch.nn.functional as F
+
+    from emofuse.errors import UserError
+    from emofuse.fuse.train import loss_fn, pearson
+
+    y = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    assert float(pearson(3 * y + 1, y)) == pytest.approx(1.0)
+    assert float(pearson(-y, y)) == pytest.approx(-1.0)
+    assert float(pearson(torch.zeros(5), y)) == 0.0  # a constant prediction: no NaN
+    pred = torch.tensor([0.5, 0.1, 0.3, 0.2, 0.4], requires_grad=True)
+    plain = loss_fn("regression", pred[:, None], y)
+    assert float(plain) == pytest.approx(float(F.l1_loss(pred, y)))
+    both = loss_fn("regression", pred[:, None], y, corr_weight=0.5)
+    assert float(both) == pytest.approx(float(plain) + 0.5 * (1 - float(pearson(pred, y))))
+    # the r term alone pulls every prediction towards the targets' ordering
+    (grad,) = torch.autograd.grad(both - plain, pred)
+    assert grad[0] > 0 and grad[-1] < 0
+
+    with pytest.raises(UserError, match="corr_loss is for regression protocols"):
+        train(load_config(toy_run, ["train.corr_loss=0.5"]), progress=False, log=lambda *_: None)
+    with pytest.raises(UserError, match="corr_loss"):
+        load_config(toy_run, ["train.corr_loss=-1"])

@@ -78,12 +78,23 @@ def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
                         num_outputs=num_outputs, **arch)
 
 
-def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None,
+            corr_weight: float = 0.0) -> torch.Tensor:
     if task == "classification":
         return F.cross_entropy(out, y, weight=class_weights)
     if task == "multilabel":  # the paper's IEMOCAP heads: cross-entropy of each 2-way head, averaged
         return F.cross_entropy(out.reshape(-1, 2), y.reshape(-1))
-    return F.l1_loss(out.squeeze(-1), y)  # CMU-MOSI/MOSEI: L1 on the [-3, 3] score
+    pred = out.squeeze(-1)
+    loss = F.l1_loss(pred, y)  # CMU-MOSI/MOSEI: L1 on the [-3, 3] score
+    if corr_weight > 0 and len(y) > 1:
+        loss = loss + corr_weight * (1 - pearson(pred, y))
+    return loss
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of two 1-D tensors, differentiable (0 when either is constant)."""
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm() + eps)
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -218,6 +229,8 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         if p.task != "classification":
             raise UserError(f"train.class_weights=balanced is for classification protocols; {p.name} is {p.task}")
         class_weights = balanced_class_weights([targets[i] for i in train_ids], len(p.classes))
+    if t.corr_loss > 0 and p.task != "regression":
+        raise UserError(f"train.corr_loss is for regression protocols; {p.name} is {p.task}")
 
     best, best_epoch, log, stopped = None, -1, [], False
     if resume and (run_dir / RESUME_FILE).exists():
@@ -244,7 +257,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
                                              leave=False, disable=not progress):
             present = drop_modalities(present, t.modality_dropout, gen)
             feats = augment(feats, masks, t.feature_noise, t.time_mask, gen)
-            loss = loss_fn(p.task, model(feats, masks, present), y, class_weights)
+            loss = loss_fn(p.task, model(feats, masks, present), y, class_weights, t.corr_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
