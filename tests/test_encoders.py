@@ -517,6 +517,31 @@ def test_hf_precast_weights_equal_plain_autocast(tiny, tmp_path, name, modality)
     assert precast_for_autocast(enc.model, torch.bfloat16) > 0
 
 
+def test_weight_norm_is_computed_once_with_the_same_result(tiny, tmp_path):
+    """The positional conv's weight norm is folded into a plain weight when an hf encoder loads:
+    the same outputs, bit for bit, in float32 and under bf16 autocast."""
+    from torch.nn.utils import parametrize
+    from transformers import AutoModel
+
+    from emofuse.extract.encoders.hf import freeze_weight_norm
+
+    x = torch.from_numpy(speech_like(0.8))[None]
+    model = AutoModel.from_pretrained(tiny["w2v_layer"], local_files_only=True).eval()
+    assert parametrize.is_parametrized(model.encoder.pos_conv_embed.conv)
+    with torch.inference_mode():
+        before = model(x).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before16 = model(x).last_hidden_state
+        assert freeze_weight_norm(model) == 1
+        assert not any(parametrize.is_parametrized(m) for m in model.modules())
+        torch.testing.assert_close(model(x).last_hidden_state, before, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model(x).last_hidden_state, before16, rtol=0, atol=0)
+    enc = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_layer"], "dtype": "bfloat16"})
+    assert enc.model.encoder.pos_conv_embed.conv.weight.dtype == torch.bfloat16  # then precast like the rest
+    assert not any(p.requires_grad for p in enc.model.parameters())
+
+
 def audio_models():
     """Tiny random models of every wav2vec2-style family transformers has, both conv norms."""
     from transformers import (Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel, Wav2Vec2Config,

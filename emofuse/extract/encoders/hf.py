@@ -106,6 +106,24 @@ def exact_float32(device: str):
         torch.set_float32_matmul_precision(previous)
 
 
+def freeze_weight_norm(model: torch.nn.Module) -> int:
+    """Compute weight-normed weights once and store them as plain weights. A frozen model's
+    g * v / ||v|| never changes, but the parametrisation recomputes it on every forward (the
+    positional conv of wav2vec2-style models: ~2% of a bf16 wav2vec2-base forward on a CPU). The
+    same op on the same tensors: the outputs do not change. Returns the number of layers frozen."""
+    from torch.nn.utils import parametrize
+
+    frozen = 0
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            frozen += 1
+        elif hasattr(module, "weight_g"):  # the older hook-based torch.nn.utils.weight_norm
+            torch.nn.utils.remove_weight_norm(module)
+            frozen += 1
+    return frozen
+
+
 def precast_for_autocast(model: torch.nn.Module, dtype) -> int:
     """Store the weights of Linear and Conv layers in the autocast dtype once, instead of letting
     autocast cast them on every forward (frozen weights are never cached by autocast: it caches
@@ -208,7 +226,9 @@ class HFEncoder(Encoder):
             self.model = AutoModel.from_pretrained(folder, local_files_only=True).float()
         except (OSError, ValueError) as e:
             raise UserError(f"hf encoder: cannot load the model in {folder}: {e}") from None
-        self.model.eval().requires_grad_(False).to(self.device)
+        self.model.eval().to(self.device)
+        freeze_weight_norm(self.model)
+        self.model.requires_grad_(False)
         if DTYPES[dtype] is not None:
             precast_for_autocast(self.model, DTYPES[dtype])
 
