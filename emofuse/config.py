@@ -86,6 +86,9 @@ class TrainConfig:
     # regression: add this weight x (1 - Pearson r of the batch's predictions and targets) to the L1
     # loss, so that training also rewards tracking the targets' ordering (what r scores); 0 = L1 only
     corr_loss: float = 0.0
+    # > 0: validate, keep and test an exponential moving average of the weights, updated after every
+    # step with this decay (0.99 averages roughly the last 100 steps); 0 = the weights as trained
+    ema: float = 0.0
     # the validation metric that picks the best epoch ("" = the task's: weighted_f1, mae, mean_f1),
     # e.g. ua where unweighted accuracy is the number reported
     select_metric: str = ""
@@ -220,6 +223,7 @@ def check_values(cfg: Config) -> None:
     number("train.time_mask", t.time_mask, 0, high=1, high_inclusive=True)
     need(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights, "none or balanced")
     number("train.corr_loss", t.corr_loss, 0)
+    number("train.ema", t.ema, 0, high=1)
     for key in ("max_frames", "num_threads", "preload_gb"):
         number(f"train.{key}", getattr(t, key), 0)
 

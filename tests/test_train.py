@@ -49,8 +49,9 @@ train: {{runs: {tmp_path / 'runs'}, name: full, epochs: 6, patience: 6, batch_si
     return cfg
 
 
-def test_interrupted_training_resumes_exactly(toy_run, monkeypatch):
-    cfg = load_config(toy_run)
+@pytest.mark.parametrize("overrides", [[], ["train.ema=0.9"]], ids=["weights", "weight-average"])
+def test_interrupted_training_resumes_exactly(toy_run, monkeypatch, overrides):
+    cfg = load_config(toy_run, overrides)
     full = train(cfg, progress=False, log=lambda *_: None)
     full_dir = Path(cfg.train.runs) / "full" / "seed-0"
 
@@ -335,3 +336,32 @@ def test_correlation_loss_adds_one_minus_pearson_r(toy_run):
         train(load_config(toy_run, ["train.corr_loss=0.5"]), progress=False, log=lambda *_: None)
     with pytest.raises(UserError, match="corr_loss"):
         load_config(toy_run, ["train.corr_loss=-1"])
+
+
+def test_weight_average_is_what_is_validated_and_kept(toy_run):
+    import torch
+
+    from emofuse.errors import UserError
+    from emofuse.fuse.train import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage(model, decay=0.75)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    average.update(model)
+    assert torch.allclose(average.state["weight"], start + 1.0)  # a quarter of the way
+    with average.swapped_into(model):
+        assert torch.equal(model.weight, start + 1.0)
+    assert torch.equal(model.weight, start + 4.0)  # the model's own weights again
+
+    # the kept model is the average: other weights, other test answers than without it
+    plain = train(load_config(toy_run, ["train.epochs=4"]), progress=False, log=lambda *_: None)
+    cfg = load_config(toy_run, ["train.epochs=4", "train.ema=0.9", "train.name=ema"])
+    averaged = train(cfg, progress=False, log=lambda *_: None)
+    kept = load_file(Path(cfg.train.runs) / "ema" / "seed-0" / "model.safetensors")
+    first = load_file(Path(cfg.train.runs) / "full" / "seed-0" / "model.safetensors")
+    assert any(not torch.equal(kept[k], first[k]) for k in kept)  # same seed: only the average differs
+    assert set(averaged["test"]) == set(plain["test"])
+    with pytest.raises(UserError, match="train.ema"):
+        load_config(toy_run, ["train.ema=1.0"])

@@ -18,6 +18,7 @@ on the protocol's validation metric, seeds for everything random. A run folder h
 from __future__ import annotations
 
 import copy
+import contextlib
 import json
 import math
 import platform
@@ -109,6 +110,35 @@ def balanced_class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
     return torch.as_tensor(weights, dtype=torch.float32)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (train.ema): after every optimiser step
+    each float tensor moves (1 - decay) of the way to the model's. The average, not the last
+    weights, is what is validated, kept and tested; on a few hundred training utterances it smooths
+    the step-to-step noise that makes the kept epoch a lottery."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].lerp_(v, 1 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: torch.nn.Module):
+        """The model holds the average inside the block and its own weights again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        try:
+            yield
+        finally:
+            model.load_state_dict(own)
 
 
 def drop_modalities(present: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -232,9 +262,10 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
     if t.corr_loss > 0 and p.task != "regression":
         raise UserError(f"train.corr_loss is for regression protocols; {p.name} is {p.task}")
 
+    average = WeightAverage(model, t.ema) if t.ema > 0 else None
     best, best_epoch, log, stopped = None, -1, [], False
     if resume and (run_dir / RESUME_FILE).exists():
-        best, best_epoch, log, stopped = load_resume(run_dir, model, opt, sched, rng, gen)
+        best, best_epoch, log, stopped = load_resume(run_dir, model, opt, sched, rng, gen, average)
     # metrics.jsonl holds exactly the finished epochs (a kill may have left one more line)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     start = time.perf_counter()
@@ -263,8 +294,16 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             sched.step()
+            if average is not None:
+                average.update(model)
             losses.append(loss.item())
-        dev = evaluate_split(model, data, dev_ids, targets, normalizer, t.max_frames)
+        # the model that is validated and kept: the weights as trained, or their average
+        with average.swapped_into(model) if average is not None else contextlib.nullcontext():
+            dev = evaluate_split(model, data, dev_ids, targets, normalizer, t.max_frames)
+            improved = best is None or is_better(primary, dev[primary], best)
+            if improved:
+                best, best_epoch = dev[primary], epoch
+                save_model(model, normalizer, run_dir, data, cfg, seed)
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                   "dev": {k: v for k, v in dev.items() if isinstance(v, float)}}
         log.append(record)
@@ -276,11 +315,8 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
             for k, v in record["dev"].items():
                 board.add_scalar(f"dev/{k}", v, epoch)
             board.flush()
-        if best is None or is_better(primary, dev[primary], best):
-            best, best_epoch = dev[primary], epoch
-            save_model(model, normalizer, run_dir, data, cfg, seed)
         stopped = epoch - best_epoch >= t.patience
-        save_resume(run_dir, model, opt, sched, rng, gen, best, best_epoch, log, stopped)
+        save_resume(run_dir, model, opt, sched, rng, gen, best, best_epoch, log, stopped, average)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{f"dev_{primary}": f"{dev[primary]:.3f}"})
         if stopped:
             break
@@ -321,7 +357,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generator, gen: torch.Generator,
-                best, best_epoch: int, log: list[dict], stopped: bool) -> None:
+                best, best_epoch: int, log: list[dict], stopped: bool, average: WeightAverage | None = None) -> None:
     """Everything the loop needs to go on exactly where it was: tensors in the file, the rest
     (scheduler, numpy RNG, epoch log) as JSON in its metadata. Written to .tmp, then renamed."""
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
@@ -329,6 +365,8 @@ def save_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generato
     for idx, state in opt_state["state"].items():
         for name, value in state.items():
             tensors[f"optim.{idx}.{name}"] = value
+    if average is not None:
+        tensors.update({f"ema.{k}": v.contiguous() for k, v in average.state.items()})
     tensors["rng.torch"] = torch.get_rng_state()  # dropout inside the model
     tensors["rng.modality_dropout"] = gen.get_state()
     meta = {"best": best, "best_epoch": best_epoch, "log": log, "stopped": stopped,
@@ -339,13 +377,18 @@ def save_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generato
     tmp.replace(run_dir / RESUME_FILE)
 
 
-def load_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generator, gen: torch.Generator):
+def load_resume(run_dir: Path, model: SSEFT, opt, sched, rng: np.random.Generator, gen: torch.Generator,
+                average: WeightAverage | None = None):
     """Restore what save_resume wrote, in place; returns best, best_epoch, log, stopped."""
     path = run_dir / RESUME_FILE
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        average.state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not average.state:
+            raise UserError(f"{path} holds no weight average, but the run's config sets train.ema")
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
