@@ -17,8 +17,8 @@ on the protocol's validation metric, seeds for everything random. A run folder h
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import json
 import math
 import platform
@@ -300,8 +300,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         # the model that is validated and kept: the weights as trained, or their average
         with average.swapped_into(model) if average is not None else contextlib.nullcontext():
             dev = evaluate_split(model, data, dev_ids, targets, normalizer, t.max_frames)
-            improved = best is None or is_better(primary, dev[primary], best)
-            if improved:
+            if best is None or is_better(primary, dev[primary], best):
                 best, best_epoch = dev[primary], epoch
                 save_model(model, normalizer, run_dir, data, cfg, seed)
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
