@@ -328,7 +328,7 @@ def test_correlation_loss_adds_one_minus_pearson_r(toy_run):
     assert float(plain) == pytest.approx(float(F.l1_loss(pred, y)))
     both = loss_fn("regression", pred[:, None], y, corr_weight=0.5)
     assert float(both) == pytest.approx(float(plain) + 0.5 * (1 - float(pearson(pred, y))))
-    # the r term alone pulls every prediction towards the targets' ordering
+    # the r term alone pulls the predictions towards the targets' ordering: descent lowers the lowest target's, raises the highest's
     (grad,) = torch.autograd.grad(both - plain, pred)
     assert grad[0] > 0 and grad[-1] < 0
 

@@ -146,7 +146,8 @@ def conv_channel_norm(x: torch.Tensor, conv: nn.Conv1d, w: torch.Tensor, norm: n
         rows = windows(x_b, k, s)
         real = rows[: (n - k) // s + 1]
         centered = rows - real.mean(0)  # the conv bias cancels against the channel mean
-        var = ((centered[: len(real)].T @ centered[: len(real)] / len(real)) @ w * w).sum(0)  # diag(W' Cov W)
+        inside = centered[: len(real)]  # the windows within the input's own samples
+        var = ((inside.T @ inside / len(real)) @ w * w).sum(0)  # diag(W' Cov W)
         scale = norm.weight.double() * torch.rsqrt(var + norm.eps)
         torch.addmm(norm.bias.to(dtype), centered.to(dtype), (w * scale).to(dtype), out=out_b)
     return out
