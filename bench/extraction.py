@@ -179,6 +179,15 @@ def bench_wav2vec2(args, tmp: Path, rates: dict) -> tuple[list[dict], dict]:
     pipeline("pipeline", "float32", reference, folder)
     pipeline("pipeline", "bfloat16", clips, folder)
     if device == "cpu":
+        # The same row with the Linear layers on F.linear, which hands oneDNN the plain weight on
+        # every call (before packed linears): the A/B of hf.PackedLinear, in the same run.
+        from emofuse.extract.encoders import hf
+
+        packing_works, hf.onednn_packing_works = hf.onednn_packing_works, lambda: False
+        try:
+            pipeline("pipeline, F.linear (not packed)", "bfloat16", clips, folder)
+        finally:
+            hf.onednn_packing_works = packing_works
         pipeline_processes("pipeline, 2 processes x 1 thread", "bfloat16", clips, folder, n_workers=2)
     if not args.quick and not args.no_layernorm:
         # The same size with a layer-norm feature encoder (wav2vec2-large-lv60 style).
@@ -308,6 +317,9 @@ def main(argv=None) -> dict:
                 "processes_bf16_ratio_to_naive": procs["ratio_to_naive"],
                 "met_fraction_processes": procs["fraction_of_limit"] >= 0.70,
                 "met_ratio_processes": procs["ratio_to_naive"] >= 3.0})
+    unpacked = next((r for r in w_rows if r["path"].startswith("pipeline, F.linear")), None)
+    if bf16 and unpacked:
+        data["packed_linears_speedup"] = bf16["media_s_per_s"] / unpacked["media_s_per_s"]
     path = common.write_result(NAME, data, args.out)
 
     headers = ["encoder", "path", "dtype", "clips", "media s", "media s/s", "FLOP limit s/s", "of limit", "x naive", "padding"]
@@ -331,6 +343,8 @@ def main(argv=None) -> dict:
             print(f"         2 processes x 1 thread: {100 * t['processes_bf16_fraction_of_bf16_limit']:.0f}% of the bf16 limit "
                   f"({'met' if t['met_fraction_processes'] else 'MISSED'}); {t['processes_bf16_ratio_to_naive']:.2f}x the "
                   f"naive loop ({'met' if t['met_ratio_processes'] else 'MISSED'})")
+    if "packed_linears_speedup" in data:
+        print(f"packed linears: the bf16 pipeline ran {data['packed_linears_speedup']:.2f}x its speed with F.linear")
     print(f"wrote {path}")
     return data
 

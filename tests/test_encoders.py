@@ -502,10 +502,13 @@ def test_hf_bfloat16_is_close(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name, modality", [("w2v_layer", "audio"), ("bert", "text")])
-def test_hf_precast_weights_equal_plain_autocast(tiny, tmp_path, name, modality):
-    """bf16 weights stored once give exactly what autocast gives when it casts them every forward."""
+def test_hf_precast_weights_equal_plain_autocast(tiny, tmp_path, monkeypatch, name, modality):
+    """bf16 weights stored once give exactly what autocast gives when it casts them every forward
+    (with F.linear: packed linears are another kernel, tested below)."""
+    from emofuse.extract.encoders import hf
     from emofuse.extract.encoders.hf import precast_for_autocast
 
+    monkeypatch.setattr(hf, "onednn_packing_works", lambda: False)
     enc = build_encoder(modality, {"backend": "hf", "path": tiny[name], "dtype": "bfloat16"})
     assert any(p.dtype == torch.bfloat16 for p in enc.model.parameters())
     u = wav_utt(tmp_path, "a", 1.0) if modality == "audio" else Utterance(id="t", text="a short test sentence")
@@ -515,6 +518,57 @@ def test_hf_precast_weights_equal_plain_autocast(tiny, tmp_path, name, modality)
     plain = enc.encode([enc.prepare(u)])[0]
     np.testing.assert_array_equal(precast, plain)
     assert precast_for_autocast(enc.model, torch.bfloat16) > 0
+
+
+def skip_without_onednn_bf16():
+    # The platform, not onednn_packing_works(): a broken PackedLinear must fail these tests, not skip them.
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("this torch build or CPU has no oneDNN bf16 matmul")
+
+
+def test_packed_linear_equals_autocast_linear_to_bf16_rounding():
+    from emofuse.extract.encoders.hf import PackedLinear
+
+    skip_without_onednn_bf16()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200).requires_grad_(False)
+    x = torch.randn(3, 37, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = linear(x)
+    linear.to(torch.bfloat16)
+    got = PackedLinear(linear)(x)  # a float32 input, cast as autocast casts it
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got, want)  # bf16 tolerances: a last-bit difference at most here
+    assert (got != want).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("name, modality", [("w2v_layer", "audio"), ("bert", "text")])
+def test_hf_bf16_on_cpu_packs_linears_as_accurately_as_autocast(tiny, tmp_path, monkeypatch, name, modality):
+    """A bf16 encoder on a CPU runs its Linear layers with oneDNN-packed weights; against float32
+    it is as close as the same model with autocast's F.linear, and its spec says which ran."""
+    from emofuse.extract.encoders import hf
+
+    skip_without_onednn_bf16()
+    u = wav_utt(tmp_path, "a", 1.0) if modality == "audio" else Utterance(id="t", text="a short test sentence")
+
+    def encode(**options):
+        enc = build_encoder(modality, {"backend": "hf", "path": tiny[name], **options})
+        return enc, enc.encode([enc.prepare(u)])[0]
+
+    _, exact = encode()
+    packed_enc, packed = encode(dtype="bfloat16")
+    monkeypatch.setattr(hf, "onednn_packing_works", lambda: False)
+    plain_enc, plain = encode(dtype="bfloat16")
+    assert sum(isinstance(m, hf.PackedLinear) for m in packed_enc.model.modules()) > 0
+    assert not any(isinstance(m, hf.PackedLinear) for m in plain_enc.model.modules())
+    assert packed_enc.full_spec()["linear_kernel"] == "onednn-packed"
+    assert plain_enc.full_spec()["linear_kernel"] == "aten"
+
+    def error(x):
+        return np.linalg.norm(x - exact) / np.linalg.norm(exact)
+
+    assert 0 < error(packed) < 0.05
+    assert error(packed) < 1.5 * error(plain)
 
 
 def test_weight_norm_is_computed_once_with_the_same_result(tiny, tmp_path):
