@@ -64,6 +64,10 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of all steps, then linear decay
     grad_clip: float = 1.0
     patience: int = 8  # early stopping: epochs without a better validation metric
+    # which weights are tested: "best" = the epoch with the best validation metric (stopping early
+    # after `patience` epochs without one); "last" = those at the end of all epochs, as the learning
+    # rate reaches zero (validation is still logged; nothing is chosen on it)
+    keep: str = "best"
     seed: int = 0
     seeds: int = 1  # run seeds seed, seed+1, ...
     modality_dropout: float = 0.0  # chance to hide each present modality of a training sample
@@ -221,6 +225,7 @@ def check_values(cfg: Config) -> None:
     number("train.modality_dropout", t.modality_dropout, 0, high=1)
     number("train.feature_noise", t.feature_noise, 0)
     number("train.time_mask", t.time_mask, 0, high=1, high_inclusive=True)
+    need(t.keep in ("best", "last"), "train.keep", t.keep, "best or last")
     need(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights, "none or balanced")
     number("train.corr_loss", t.corr_loss, 0)
     number("train.ema", t.ema, 0, high=1)

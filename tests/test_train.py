@@ -365,3 +365,27 @@ def test_weight_average_is_what_is_validated_and_kept(toy_run):
     assert set(averaged["test"]) == set(plain["test"])
     with pytest.raises(UserError, match="train.ema"):
         load_config(toy_run, ["train.ema=1.0"])
+
+
+def test_keep_last_tests_the_weights_of_the_final_epoch(toy_run):
+    from emofuse.errors import UserError
+    from emofuse.fuse.train import evaluate_split, load_data, load_model
+
+    # patience 1 would stop a keep=best run early; keep=last trains every epoch and keeps the end
+    cfg = load_config(toy_run, ["train.epochs=5", "train.patience=1", "train.keep=last", "train.name=last"])
+    train(cfg, progress=False, log=lambda *_: None)
+    run_dir = Path(cfg.train.runs) / "last" / "seed-0"
+    result = json.loads((run_dir / "result.json").read_text())
+    log = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert len(log) == result["epochs_run"] == 5 and result["best_epoch"] == 4
+    assert result["dev"]["weighted_f1"] == log[-1]["dev"]["weighted_f1"]
+    # the saved model is the last epoch's: it scores on dev what that epoch logged
+    data = load_data(cfg)
+    targets = data.targets()
+    dev_ids = [i for i in data.split_ids("dev") if i in targets]
+    model, normalizer = load_model(run_dir)
+    dev = evaluate_split(model, data, dev_ids, targets, normalizer, cfg.train.max_frames)
+    assert dev["weighted_f1"] == pytest.approx(log[-1]["dev"]["weighted_f1"])
+    assert dev["wa"] == pytest.approx(log[-1]["dev"]["wa"])
+    with pytest.raises(UserError, match="train.keep must be best or last"):
+        load_config(toy_run, ["train.keep=final"])
