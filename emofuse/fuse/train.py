@@ -507,7 +507,7 @@ def train(cfg: Config, progress: bool = True, log=print, run_root: Path | None =
             results[s] = fit(cfg, data, run_root / f"seed-{s}", s, progress=progress, resume=resume)
     results = [results[s] for s in seeds]
     for r in results:
-        log(f"seed {r['seed']}: best epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
+        log(f"seed {r['seed']}: kept epoch {r['best_epoch']}, test {r['primary']} {r['test'][r['primary']]:.4f}")
     about = results[0]
     if "task" not in about:  # a seed finished by an emofuse that did not record task and modalities
         data = data or load_data(cfg)
