@@ -300,7 +300,11 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         # the model that is validated and kept: the weights as trained, or their average
         with average.swapped_into(model) if average is not None else contextlib.nullcontext():
             dev = evaluate_split(model, data, dev_ids, targets, normalizer, t.max_frames)
-            if t.keep == "last" or best is None or is_better(primary, dev[primary], best):
+            if t.keep == "last":
+                keep = epoch == t.epochs - 1  # the final weights; nothing is chosen on dev
+            else:
+                keep = best is None or is_better(primary, dev[primary], best)
+            if keep:
                 best, best_epoch = dev[primary], epoch
                 save_model(model, normalizer, run_dir, data, cfg, seed)
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
@@ -314,7 +318,7 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
             for k, v in record["dev"].items():
                 board.add_scalar(f"dev/{k}", v, epoch)
             board.flush()
-        stopped = epoch - best_epoch >= t.patience  # never with keep=last: every epoch is the "best"
+        stopped = t.keep == "best" and epoch - best_epoch >= t.patience
         save_resume(run_dir, model, opt, sched, rng, gen, best, best_epoch, log, stopped, average)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{f"dev_{primary}": f"{dev[primary]:.3f}"})
         if stopped:

@@ -24,6 +24,7 @@ once (precast_for_autocast); on a CPU the Linear layers then use oneDNN-packed w
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from pathlib import Path
 
@@ -168,6 +169,7 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
+@functools.cache  # one probe per process, not one per encoder
 def onednn_packing_works() -> bool:
     """Whether this torch build packs bf16 linear weights for oneDNN (x86 builds with mkldnn and
     a CPU with bf16 support), checked on a tiny product with a known answer."""
