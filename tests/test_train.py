@@ -106,6 +106,8 @@ def test_robustness_table_and_plot(toy_run):
     train(cfg, progress=False, log=lambda *_: None)
     run = Path(cfg.train.runs) / "full"
     report = evaluate_run(run, log=lambda *_: None)
+    assert set(report["ensemble"]) >= {"wa", "ua", "weighted_f1"}  # the 2 seeds as one model
+    assert "The 2 seeds as one model" in (run / "report.md").read_text()
     table = robustness(run, levels=(0.0, 1.0, 50.0), log=lambda *_: None)
     assert table["metric"] == "wa" and table["seeds"] == 2 and set(table["rows"]) == {"audio", "text"}
     assert table["clean"] == report["test"]["wa"]  # clean = what evaluate reports
@@ -118,6 +120,27 @@ def test_robustness_table_and_plot(toy_run):
     assert (run / "robustness.png").stat().st_size > 1000
     md = (run / "robustness.md").read_text()
     assert "| A |" in md and "| T |" in md and "noise 50" in md
+
+
+def test_ensemble_averages_scores_or_probabilities():
+    from emofuse.fuse.train import ensemble_outputs
+
+    a, b = np.array([[1.0], [-2.0]]), np.array([[2.0], [0.0]])
+    np.testing.assert_allclose(ensemble_outputs("regression", [a, b]), [[1.5], [-1.0]])
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    # probabilities, not logits, are averaged: a confident seed does not outvote two others by scale
+    seeds = [np.array([[6.0, 0.0, 0.0]]), np.array([[0.0, 2.0, 0.0]]), np.array([[0.0, 2.0, 0.0]])]
+    probs = ensemble_outputs("classification", seeds)
+    np.testing.assert_allclose(probs, np.mean([softmax(s) for s in seeds], axis=0))
+    assert probs.argmax() == 1 and np.mean(seeds, axis=0).argmax() == 0
+    heads = ensemble_outputs("multilabel", [np.array([[0.0, 3.0, 1.0, 0.0]]), np.array([[0.0, 1.0, 2.0, 0.0]])])
+    assert heads.shape == (1, 4)
+    np.testing.assert_allclose(heads.reshape(-1, 2).sum(-1), 1.0)  # each head's (no, yes) pair
+    assert heads.reshape(-1, 2).argmax(-1).tolist() == [1, 0]
 
 
 def test_ablation_table_shows_the_papers_numbers_beside_ours():

@@ -25,7 +25,7 @@ from emofuse.corpora.base import LETTER  # noqa: E402
 from emofuse.errors import UserError  # noqa: E402
 from emofuse.fuse.model import MODALITIES  # noqa: E402
 from emofuse.fuse.train import (  # noqa: E402
-    load_data, load_model, outputs_to_predictions, predict, summarize, train)
+    ensemble_outputs, load_data, load_model, outputs_to_predictions, predict, summarize, train)
 from emofuse.fuse.metrics import task_metrics  # noqa: E402
 
 # Metrics shown in tables, per task, in this order (multilabel adds each emotion's acc and F1).
@@ -102,11 +102,12 @@ def evaluate_run(run: Path, log=print) -> dict:
     run = Path(run)
     cfg, data, test_ids, y_true = load_test_split(run)
     p = data.protocol
-    results, confusion, layer_weights = [], None, {}
+    results, confusion, layer_weights, seed_outputs = [], None, {}, []
     for d in seed_dirs(run):
         check_fingerprints(d, data)
         model, normalizer = load_model(d)
         outputs = predict(model, data, test_ids, normalizer, cfg.train.max_frames)
+        seed_outputs.append(outputs)
         metrics = task_metrics(p.task, y_true, outputs_to_predictions(p.task, outputs), p.classes)
         results.append({"seed": d.name, "test": metrics})
         for m, w in model.layer_weights().items():  # stores with every layer: the learned mix
@@ -118,6 +119,10 @@ def evaluate_run(run: Path, log=print) -> dict:
               "seeds": [r["seed"] for r in results], "test": summarize(results),
               "per_seed": results,
               "layer_weights": {m: np.mean(w, axis=0).tolist() for m, w in layer_weights.items()}}
+    if len(seed_outputs) > 1:
+        averaged = outputs_to_predictions(p.task, ensemble_outputs(p.task, seed_outputs))
+        report["ensemble"] = {k: v for k, v in task_metrics(p.task, y_true, averaged, p.classes).items()
+                              if isinstance(v, float)}
     (run / "report.json").write_text(json.dumps(report, indent=2))
     (run / "report.md").write_text(report_markdown(report, p.classes))
     if confusion is not None:
@@ -134,6 +139,9 @@ def report_markdown(report: dict, classes: list[str]) -> str:
              f"{len(report['seeds'])} seed(s))", "", "| metric | mean | std |", "|---|---|---|"]
     for k, v in report["test"].items():
         lines.append(f"| {k} | {fmt(k, v['mean'])} | {fmt(k, v['std'])} |")
+    if "ensemble" in report:
+        lines += ["", f"The {len(report['seeds'])} seeds as one model (their outputs averaged): "
+                  + ", ".join(f"{k} {fmt(k, v)}" for k, v in report["ensemble"].items() if k in report["test"])]
     for m, weights in report.get("layer_weights", {}).items():
         lines += ["", f"Learned {m} layer weights (softmax, mean over seeds; layer 0 = the encoder's input embeddings):",
                   "", "| layer | " + " | ".join(str(i) for i in range(len(weights))) + " |",

@@ -20,7 +20,7 @@ from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import build_encoder, fingerprint
 from emofuse.fuse.data import collate
 from emofuse.fuse.evaluate import load_run_config, seed_dirs
-from emofuse.fuse.train import load_model
+from emofuse.fuse.train import ensemble_outputs, load_model
 
 
 def extract_one(utt: Utterance, encoders: dict[str, dict], trained: dict) -> tuple[dict, dict]:
@@ -63,20 +63,16 @@ def predict_media(run: Path, media: str | None = None, text: str | None = None, 
     modalities = trained["fusion"]["modalities"]
     by_modality = {m: ({"input": features[m]} if m in features else {}) for m in modalities}
     outputs = []
-    for d in seeds:  # average over the run's seeds: a small ensemble, as reported
+    for d in seeds:  # the run's seeds as one model: their outputs averaged
         model, normalizer = load_model(d)
         shapes = {m: (model.cfg.input_dims[m],) if model.cfg.num_layers_in[m] == 1
                   else (model.cfg.num_layers_in[m], model.cfg.input_dims[m]) for m in modalities}
         feats, masks, present = collate(["input"], by_modality, shapes, normalizer, trained.get("max_frames", 0))
         with torch.no_grad():
-            out = model(feats, masks, present)[0]
-        if protocol["task"] == "classification":
-            outputs.append(torch.softmax(out, -1).numpy())
-        elif protocol["task"] == "multilabel":  # each head's probability of "yes"
-            outputs.append(torch.softmax(out.reshape(-1, 2), -1)[:, 1].numpy())
-        else:
-            outputs.append(out.numpy())
-    mean = np.mean(outputs, axis=0)
+            outputs.append(model(feats, masks, present).numpy())
+    mean = ensemble_outputs(protocol["task"], outputs)[0]  # what `evaluate` reports as the seeds' ensemble
+    if protocol["task"] == "multilabel":  # each head's probability of "yes"
+        mean = mean.reshape(-1, 2)[:, 1]
     result = {"run": str(run), "protocol": protocol["name"], "used": sorted(features), "missing": missing,
               "seeds": len(seeds)}
     if protocol["task"] == "classification":

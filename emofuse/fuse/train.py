@@ -214,6 +214,20 @@ def outputs_to_predictions(task: str, outputs: np.ndarray) -> np.ndarray:
     return outputs[:, 0]
 
 
+def ensemble_outputs(task: str, outputs: list[np.ndarray]) -> np.ndarray:
+    """The seeds' models as one: the mean of their scores (regression) or of their class
+    probabilities (classification; each 2-way head of a multilabel model). Seeds differ by more
+    than settings often do (CMU-MOSI test r 0.70-0.75 over 5 seeds); their average is steadier."""
+    stack = np.stack(outputs).astype(np.float64)  # (seeds, N, outputs)
+    if task == "regression":
+        return stack.mean(0)
+    if task == "multilabel":
+        stack = stack.reshape(*stack.shape[:2], -1, 2)
+    probs = np.exp(stack - stack.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return probs.mean(0).reshape(len(outputs[0]), -1)
+
+
 def evaluate_split(model, data, ids, targets, normalizer, max_frames, **kw) -> dict:
     p = data.protocol
     outputs = predict(model, data, ids, normalizer, max_frames, **kw)
