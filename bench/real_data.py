@@ -2,11 +2,13 @@
 
 For each row, through the real CLI in a subprocess and timed: `emofuse extract CONFIG` (a second
 run does no encoder work) then `emofuse train CONFIG --seeds N [--folds]`; the summary's mean and
-standard deviation over the seeds go into the table. The probe row comes from bench/probe.py on
+standard deviation over the seeds go into the table, and for single-split rows `emofuse evaluate
+RUN`'s numbers for the seeds as one model (outputs averaged, as `emofuse predict` uses a run;
+not timed). The probe row comes from bench/probe.py on
 the same files (run here unless --no-probe; then its last bench/results/probe.json is read).
 Reads ../shared/data (never copied); skipped with a message when it is absent.
 
-    python bench/real_data.py                 # every row, 5 seeds (an hour or more on 2 CPU cores)
+    python bench/real_data.py                 # every row, 5 seeds (~30 min on 2 CPU cores)
     python bench/real_data.py --only mosi --seeds 2
 """
 
@@ -68,7 +70,11 @@ def run_row(name: str, row: dict, data_dir: Path, runs: Path, seeds: int, log) -
         run_name = load_config(common.ROOT / row["config"]).train.name
     summary = json.loads((runs / run_name / "summary.json").read_text())
     log(f"[real-data] {name}: {out.strip().splitlines()[-1]}")
-    return {"protocol": summary["protocol"], "seeds": len(summary["seeds"]), "test": summary["test"],
+    ensemble = None
+    if not row["folds"]:  # the seeds as one model (outputs averaged), as `emofuse predict` uses them
+        emofuse("evaluate", str(runs / run_name))
+        ensemble = json.loads((runs / run_name / "report.json").read_text()).get("ensemble")
+    return {"protocol": summary["protocol"], "seeds": len(summary["seeds"]), "test": summary["test"], "ensemble": ensemble,
             "extract_seconds": extract_s, "train_seconds": train_s, "run": str(runs / run_name),
             "command": f"emofuse extract {row['config']} {' '.join(row['overrides'])} && emofuse train "
                        f"{row['config']} {' '.join(row['overrides'])} --seeds {seeds}{' --folds' if row['folds'] else ''}"}
@@ -79,8 +85,8 @@ def value(metric: str, v: float) -> str:
 
 
 def table(results: dict, probe: dict) -> str:
-    lines = ["| row | metric | linear probe | emofuse, mean +- std | target | met | minutes (extract + train) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | metric | linear probe | emofuse, mean +- std | target | met | seeds as one model | "
+             "minutes (extract + train) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         row = ROWS[name]
         minutes = f"{(r['extract_seconds'] + r['train_seconds']) / 60:.1f}"
@@ -93,8 +99,10 @@ def table(results: dict, probe: dict) -> str:
             label = f"{name} ({r['seeds']} seeds)" if k == 0 else ""
             probe_cell = value(metric, p) if p is not None else "-"
             target_cell = f"{target[0]} {value(metric, target[1])}" if target else "-"
+            ens = (r.get("ensemble") or {}).get(metric)
+            ens_cell = value(metric, scale * ens) if ens is not None else "-"
             lines.append(f"| {label} | {metric} | {probe_cell} | {value(metric, mean)} +- {value(metric, std)} | "
-                         f"{target_cell} | {met} | {minutes if k == 0 else ''} |")
+                         f"{target_cell} | {met} | {ens_cell} | {minutes if k == 0 else ''} |")
     return "\n".join(lines)
 
 
