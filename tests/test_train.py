@@ -285,6 +285,14 @@ train: {{runs: {tmp_path / 'runs'}, name: serial, epochs: 2, batch_size: 8, seed
     assert sorted(i for p in preds for i in p["ids"]) == sorted(p.stem for p in (tmp_path / "emodb" / "wav").glob("*.wav"))
     cfg.train.name, cfg.train.workers = "parallel", 2
     assert train_folds(cfg, progress=False, log=lambda *_: None) == serial
+    # evaluate scores a cross-validated run as training did (folds pooled per seed), and adds the
+    # seeds as one model and the confusion matrix
+    from emofuse.fuse.evaluate import evaluate_run
+
+    report = evaluate_run(Path(cfg.train.runs) / "serial", log=lambda *_: None)
+    assert report["test"] == serial["test"] and report["n_test"] == 42
+    assert report["protocol"] == serial["protocol"] and set(report["ensemble"]) >= {"wa", "ua"}
+    assert (Path(cfg.train.runs) / "serial" / "confusion.png").exists()
 
 
 def test_balanced_class_weights_and_the_selection_metric(toy_run):

@@ -1,6 +1,7 @@
 """Evaluation of a trained run, the modality ablation table, reports and plots.
 
-    evaluate_run(run)  -> report.json, report.md, confusion.png in the run folder
+    evaluate_run(run)  -> report.json, report.md, confusion.png in the run folder (a --folds run:
+                          every fold's test predictions pooled per seed)
     ablation(run)      -> trains and tests every modality subset (A, T, V, AT, AV, TV, ATV) with the
                           run's config and seeds -> ablation.json, ablation.md, ablation.png
     robustness(run)    -> the run's models tested with each modality dropped, or corrupted with
@@ -25,7 +26,7 @@ from emofuse.corpora.base import LETTER  # noqa: E402
 from emofuse.errors import UserError  # noqa: E402
 from emofuse.fuse.model import MODALITIES  # noqa: E402
 from emofuse.fuse.train import (  # noqa: E402
-    ensemble_outputs, load_data, load_model, outputs_to_predictions, predict, summarize, train)
+    FOLDS_FILE, ensemble_outputs, load_data, load_model, outputs_to_predictions, predict, summarize, train)
 from emofuse.fuse.metrics import task_metrics  # noqa: E402
 
 # Metrics shown in tables, per task, in this order (multilabel adds each emotion's acc and F1).
@@ -98,26 +99,49 @@ def load_test_split(run: Path):
     return cfg, data, test_ids, np.array([targets[i] for i in test_ids])
 
 
-def evaluate_run(run: Path, log=print) -> dict:
-    run = Path(run)
+def seed_test_outputs(run: Path):
+    """One single-split run: its data, test targets, each seed's model outputs on the test split,
+    and each seed's learned layer mix (stores with every layer)."""
     cfg, data, test_ids, y_true = load_test_split(run)
-    p = data.protocol
-    results, confusion, layer_weights, seed_outputs = [], None, {}, []
+    outputs, layer_weights = {}, {}
     for d in seed_dirs(run):
         check_fingerprints(d, data)
         model, normalizer = load_model(d)
-        outputs = predict(model, data, test_ids, normalizer, cfg.train.max_frames)
-        seed_outputs.append(outputs)
-        metrics = task_metrics(p.task, y_true, outputs_to_predictions(p.task, outputs), p.classes)
-        results.append({"seed": d.name, "test": metrics})
-        for m, w in model.layer_weights().items():  # stores with every layer: the learned mix
+        outputs[d.name] = predict(model, data, test_ids, normalizer, cfg.train.max_frames)
+        for m, w in model.layer_weights().items():
             layer_weights.setdefault(m, []).append(w)
+    return data, y_true, outputs, layer_weights
+
+
+def evaluate_run(run: Path, log=print) -> dict:
+    """Test every seed of a run; a cross-validated run (`train --folds`) is scored as training
+    scored it: per seed, the test predictions of all folds pooled."""
+    run = Path(run)
+    folds = json.loads((run / FOLDS_FILE).read_text()) if (run / FOLDS_FILE).exists() else None
+    parts = [seed_test_outputs(run / f"fold-{f}") for f in folds] if folds else [seed_test_outputs(run)]
+    data, p = parts[0][0], parts[0][0].protocol
+    seeds = list(parts[0][2])
+    if any(list(outputs) != seeds for _, _, outputs, _ in parts):
+        raise UserError(f"{run}: the folds hold different seeds; finish it with `emofuse train --resume {run}`")
+    y_true = np.concatenate([y for _, y, _, _ in parts])
+    seed_outputs = [np.concatenate([outputs[s] for _, _, outputs, _ in parts]) for s in seeds]
+    results, confusion = [], None
+    for s, outputs in zip(seeds, seed_outputs):
+        metrics = task_metrics(p.task, y_true, outputs_to_predictions(p.task, outputs), p.classes)
+        results.append({"seed": s, "test": metrics})
         if p.task == "classification":
             cm = np.array(metrics["confusion"])
             confusion = cm if confusion is None else confusion + cm
-    report = {"protocol": p.name, "task": p.task, "modalities": list(data.stores), "n_test": len(test_ids),
-              "seeds": [r["seed"] for r in results], "test": summarize(results),
-              "per_seed": results,
+    layer_weights = {}
+    for _, _, _, weights in parts:
+        for m, w in weights.items():
+            layer_weights.setdefault(m, []).extend(w)
+    name = p.name
+    if folds:  # a fold's protocol names its test fold; the run's summary names them all
+        summary = run / "summary.json"
+        name = json.loads(summary.read_text())["protocol"] if summary.exists() else f"{p.name}, {len(folds)} folds pooled"
+    report = {"protocol": name, "task": p.task, "modalities": list(data.stores), "n_test": len(y_true),
+              "seeds": seeds, "test": summarize(results), "per_seed": results,
               "layer_weights": {m: np.mean(w, axis=0).tolist() for m, w in layer_weights.items()}}
     if len(seed_outputs) > 1:
         averaged = outputs_to_predictions(p.task, ensemble_outputs(p.task, seed_outputs))
@@ -126,9 +150,9 @@ def evaluate_run(run: Path, log=print) -> dict:
     (run / "report.json").write_text(json.dumps(report, indent=2))
     (run / "report.md").write_text(report_markdown(report, p.classes))
     if confusion is not None:
-        plot_confusion(confusion, p.classes, run / "confusion.png", f"{p.name}: test, {len(results)} seed(s)")
+        plot_confusion(confusion, p.classes, run / "confusion.png", f"{name}: test, {len(results)} seed(s)")
     if report["layer_weights"]:
-        plot_layer_weights(report["layer_weights"], run / "layer_weights.png", f"{p.name}: learned layer weights")
+        plot_layer_weights(report["layer_weights"], run / "layer_weights.png", f"{name}: learned layer weights")
     log(report_markdown(report, p.classes))
     return report
 
