@@ -2,9 +2,8 @@
 
 For each row, through the real CLI in a subprocess and timed: `emofuse extract CONFIG` (a second
 run does no encoder work) then `emofuse train CONFIG --seeds N [--folds]`; the summary's mean and
-standard deviation over the seeds go into the table, and for single-split rows `emofuse evaluate
-RUN`'s numbers for the seeds as one model (outputs averaged, as `emofuse predict` uses a run;
-not timed). The probe row comes from bench/probe.py on
+standard deviation over the seeds go into the table, and `emofuse evaluate RUN`'s numbers for the
+seeds as one model (outputs averaged, as `emofuse predict` uses a run; not timed). The probe row comes from bench/probe.py on
 the same files (run here unless --no-probe; then its last bench/results/probe.json is read).
 Reads ../shared/data (never copied); skipped with a message when it is absent.
 
@@ -70,10 +69,9 @@ def run_row(name: str, row: dict, data_dir: Path, runs: Path, seeds: int, log) -
         run_name = load_config(common.ROOT / row["config"]).train.name
     summary = json.loads((runs / run_name / "summary.json").read_text())
     log(f"[real-data] {name}: {out.strip().splitlines()[-1]}")
-    ensemble = None
-    if not row["folds"]:  # the seeds as one model (outputs averaged), as `emofuse predict` uses them
-        emofuse("evaluate", str(runs / run_name))
-        ensemble = json.loads((runs / run_name / "report.json").read_text()).get("ensemble")
+    # the seeds as one model (outputs averaged), as `emofuse predict` uses a run
+    emofuse("evaluate", str(runs / run_name))
+    ensemble = json.loads((runs / run_name / "report.json").read_text()).get("ensemble")
     return {"protocol": summary["protocol"], "seeds": len(summary["seeds"]), "test": summary["test"], "ensemble": ensemble,
             "extract_seconds": extract_s, "train_seconds": train_s, "run": str(runs / run_name),
             "command": f"emofuse extract {row['config']} {' '.join(row['overrides'])} && emofuse train "
