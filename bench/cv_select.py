@@ -102,6 +102,14 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
     corpus = cfg.corpus.name
     root = Path(args.runs) / corpus / args.name
+    # finished trainings are reused, so a name must keep its settings
+    settings = {"config": args.config, "overrides": args.overrides, "folds": args.folds}
+    marker = root / "settings.json"
+    if marker.exists() and json.loads(marker.read_text()) != settings:
+        raise SystemExit(f"{root} holds runs of other settings ({marker.read_text().strip()}); "
+                         f"choose another --name or delete that folder")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings))
     units = [(fold, cfg.train.seed + s) for s in range(args.seeds) for fold in range(args.folds)]
     jobs = [(args.config, args.overrides, args.folds, fold, seed, root / f"fold-{fold}" / f"seed-{seed}")
             for fold, seed in units]
