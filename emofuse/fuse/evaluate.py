@@ -119,12 +119,13 @@ def evaluate_run(run: Path, log=print) -> dict:
     run = Path(run)
     folds = json.loads((run / FOLDS_FILE).read_text()) if (run / FOLDS_FILE).exists() else None
     parts = [seed_test_outputs(run / f"fold-{f}") for f in folds] if folds else [seed_test_outputs(run)]
-    data, p = parts[0][0], parts[0][0].protocol
-    seeds = list(parts[0][2])
-    if any(list(outputs) != seeds for _, _, outputs, _ in parts):
+    datas, targets, outputs_by_part, weights_by_part = zip(*parts)
+    data, p = datas[0], datas[0].protocol
+    seeds = list(outputs_by_part[0])
+    if any(list(outputs) != seeds for outputs in outputs_by_part):
         raise UserError(f"{run}: the folds hold different seeds; finish it with `emofuse train --resume {run}`")
-    y_true = np.concatenate([y for _, y, _, _ in parts])
-    seed_outputs = [np.concatenate([outputs[s] for _, _, outputs, _ in parts]) for s in seeds]
+    y_true = np.concatenate(targets)
+    seed_outputs = [np.concatenate([outputs[s] for outputs in outputs_by_part]) for s in seeds]
     results, confusion = [], None
     for s, outputs in zip(seeds, seed_outputs):
         metrics = task_metrics(p.task, y_true, outputs_to_predictions(p.task, outputs), p.classes)
@@ -133,7 +134,7 @@ def evaluate_run(run: Path, log=print) -> dict:
             cm = np.array(metrics["confusion"])
             confusion = cm if confusion is None else confusion + cm
     layer_weights = {}
-    for _, _, _, weights in parts:
+    for weights in weights_by_part:
         for m, w in weights.items():
             layer_weights.setdefault(m, []).extend(w)
     name = p.name
