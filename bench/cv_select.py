@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -102,8 +103,9 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
     corpus = cfg.corpus.name
     root = Path(args.runs) / corpus / args.name
-    # finished trainings are reused, so a name must keep its settings
-    settings = {"config": args.config, "overrides": args.overrides, "folds": args.folds}
+    # finished trainings are reused, so a name must keep its settings, those the config file gives included
+    settings = {"config": args.config, "overrides": args.overrides, "folds": args.folds,
+                "resolved": dataclasses.asdict(cfg)}
     marker = root / "settings.json"
     if marker.exists() and json.loads(marker.read_text()) != settings:
         raise SystemExit(f"{root} holds runs of other settings ({marker.read_text().strip()}); "

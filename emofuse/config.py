@@ -60,6 +60,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 3e-4
+    unfrozen_lr: float = 5e-5  # lr of encoder layers trained from pretrained weights (model.unfreeze_top)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of all steps, then linear decay
     grad_clip: float = 1.0

@@ -420,3 +420,79 @@ def test_keep_last_tests_the_weights_of_the_final_epoch(toy_run):
     assert dev["wa"] == pytest.approx(log[-1]["dev"]["wa"])
     with pytest.raises(UserError, match="train.keep must be best or last"):
         load_config(toy_run, ["train.keep=final"])
+
+
+def test_unfrozen_top_layers_start_from_the_encoder_and_train_from_the_cache(tmp_path):
+    """model.unfreeze_top on a cache made by a real (tiny) BERT with `layer: all`: the text stream
+    starts with the encoder's own top layer, which turns the cached state below it into the cached
+    last layer; those weights train at train.unfrozen_lr (0 leaves them exactly as loaded); text is
+    fed raw, not standardised; the saved run reloads and scores what training reported."""
+    import torch
+
+    from emofuse.errors import UserError
+    from emofuse.extract.encoders.base import build_encoder
+    from emofuse.fuse.model import SSEFT
+    from emofuse.fuse.train import evaluate_split, fusion_config, load_data, load_model, unfrozen_layers
+    from tests.test_encoders import tiny_text_model
+
+    folder = tiny_text_model(tmp_path / "bert")
+    encoder = build_encoder("text", {"backend": "hf", "path": folder, "layer": "all"})
+    rng = np.random.default_rng(0)
+    good, bad = ["good", "great", "happy", "fine"], ["bad", "awful", "sad", "poor"]
+    utts, cache = [], tmp_path / "cache" / "toy"
+    cache.mkdir(parents=True)
+    for i in range(50):
+        score = float(rng.uniform(-3, 3))
+        words = [str(w) for w in rng.choice(good if score > 0 else bad, size=int(rng.integers(2, 6)))]
+        utts.append(Utterance(id=f"u{i:02d}", split=["train", "train", "train", "dev", "test"][i % 5],
+                              text=" ".join(words), labels={"sentiment": score}))
+    write_utterances(utts, cache / "utterances.jsonl")
+    (cache / "protocol.json").write_text(json.dumps(vars(Protocol("toy-score", "sentiment", task="regression"))))
+    spec = encoder.full_spec()
+    store = FeatureStore.create(cache / "text-tiny", "text", spec, fingerprint(spec), dim=32, layers=3)
+    with store.writer() as w:
+        for u, x in zip(utts, encoder.encode([encoder.prepare(u) for u in utts])):
+            w.add(u.id, x)
+    store.close()
+    cfg_path = tmp_path / "toy.yaml"
+    cfg_path.write_text(f"""
+corpus: {{name: toy, root: {tmp_path / 'none'}}}
+extract: {{cache: {tmp_path / 'cache'}, encoders: {{text: {{backend: hf, path: {folder}, layer: all}}}}}}
+model: {{modalities: [text], preset: fast, width: 16, heads: 2, ffn: 32, self_layers: {{text: 0}},
+        unfreeze_top: {{text: 1}}}}
+train: {{runs: {tmp_path / 'runs'}, name: top, epochs: 3, patience: 3, batch_size: 8, lr: 0.003,
+        unfrozen_lr: 0.001, num_threads: 1}}
+""")
+    cfg = load_config(cfg_path)
+    data = load_data(cfg)
+    shape, weights = unfrozen_layers(cfg, ["text"])["text"]
+    model = SSEFT(fusion_config(cfg, data, {"text": shape})).eval()
+    model.streams["text"].encoder_top.load_state_dict(weights)
+    assert model.streams["text"].layer_logits is None  # the encoder's layers replace the layer mix
+    x = torch.from_numpy(data.features["text"]["u00"].astype(np.float32))[None]
+    with torch.no_grad():
+        top = model.streams["text"].encoder_top[0](x[:, :, 1], torch.ones(1, x.shape[1], dtype=torch.bool))
+    assert (top - x[:, :, 2]).abs().max() < 0.01  # the cache holds float16
+    opt = train_mod.adamw(model, lr=0.003, weight_decay=0.01, unfrozen_lr=0.001)
+    assert [g["lr"] for g in opt.param_groups] == [0.003, 0.001]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in model.streams["text"].encoder_top.parameters()}
+
+    def trained_top(name: str, unfrozen_lr: float) -> dict:
+        train(load_config(cfg_path, [f"train.name={name}", f"train.unfrozen_lr={unfrozen_lr}"]),
+              progress=False, log=lambda *_: None)
+        run_dir = tmp_path / "runs" / name / "seed-0"
+        assert not any(k.startswith("text") for k in load_file(run_dir / "normalizer.safetensors"))
+        model, normalizer = load_model(run_dir)
+        result = json.loads((run_dir / "result.json").read_text())
+        targets = data.targets()
+        test = evaluate_split(model, data, [u.id for u in utts if u.split == "test"], targets, normalizer, 0)
+        assert test["mae"] == pytest.approx(result["test"]["mae"])
+        return model.streams["text"].encoder_top[0].state_dict()
+
+    still = trained_top("frozen", 0.0)
+    assert all(torch.equal(still[k], weights[f"0.{k}"]) for k in still)
+    moved = trained_top("trained", 0.001)
+    assert any(not torch.allclose(moved[k], weights[f"0.{k}"]) for k in moved)
+
+    with pytest.raises(UserError, match="cache every layer"):
+        fusion_config(load_config(cfg_path, ["model.unfreeze_top.text=3"]), data, {"text": shape})

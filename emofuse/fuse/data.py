@@ -333,7 +333,7 @@ def collate(ids: list[str], features: dict[str, dict[str, np.ndarray]], frame_sh
             if a is not None:
                 # float16 -> float32 on the way in: torch converts ~15x faster than numpy
                 out[b, : len(a)].copy_(_tensor(a))
-                if normalizer is not None:
+                if normalizer is not None and m in normalizer.mean:  # (not those read by encoder layers)
                     normalizer.in_place(m, out[b, : len(a)])
                 mask[b, : len(a)] = True
                 present[b, j] = True

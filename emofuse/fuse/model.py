@@ -4,7 +4,9 @@ Read top to bottom:
   FusionConfig  - every hyper-parameter, JSON round-trip
   helpers       - masked pooling in time, fitting a sequence into the learned positions
   Block         - one post-LN transformer layer (self- or cross-modal attention + FFN)
-  Stream        - one modality: layer mix -> pooling -> (fast) projection -> start token
+  EncoderLayer  - one layer of a BERT-style text encoder, to train its top layers from the cache
+  Stream        - one modality: layer mix (or the encoder's own top layers) -> pooling -> (fast)
+                  projection -> start token
                   -> positions -> LayerNorm -> dropout -> self-attention layers
   CrossStack    - query modality attends to a source modality, layer by layer
   SSEFT         - streams, the six directional cross stacks, Hadamard pooling, (statistics
@@ -50,10 +52,10 @@ CROSS_PAIRS = (
 PRESETS = {
     "paper": dict(width=128, self_layers={"audio": 2, "text": 0, "video": 2}, cross_layers=2, heads=4, ffn=1024,
                   dropout=0.1, attn_dropout=0.1, pool_stride={"audio": 1, "text": 1, "video": 1}, max_positions=512,
-                  stats_pool=False),
+                  stats_pool=False, unfreeze_top={"audio": 0, "text": 0, "video": 0}),
     "fast": dict(width=128, self_layers={"audio": 1, "text": 0, "video": 1}, cross_layers=1, heads=4, ffn=512,
                  dropout=0.1, attn_dropout=0.0, pool_stride={"audio": 8, "text": 1, "video": 2}, max_positions=512,
-                 stats_pool=False),
+                 stats_pool=False, unfreeze_top={"audio": 0, "text": 0, "video": 0}),
 }
 
 
@@ -75,6 +77,11 @@ class Architecture:
     # Statistics pooling: the head also reads each modality's masked mean and standard deviation over
     # its self-attended frames (2W more inputs per modality; x-vector style), besides position 0.
     stats_pool: Optional[bool] = None
+    # Train the encoder's own top N layers of a modality here, started from its pretrained weights,
+    # on the cached hidden state below them (the cache must keep every layer: `layer: all`). The
+    # layers under them stay frozen and cached, so this is partial fine-tuning that still trains
+    # from the cache. BERT-style text encoders (hf and minilm backends); 0 = the learned layer mix.
+    unfreeze_top: Optional[dict[str, int]] = None
 
     def __post_init__(self):
         defaults = PRESETS.get(self.preset)
@@ -96,6 +103,9 @@ class FusionConfig(Architecture):
     input_dims: dict[str, int]  # D of each modality's cached features
     num_layers_in: dict[str, int]  # L of each cache: 1 = (T, D); >1 = (T, L, D), learned softmax layer mix
     num_outputs: int
+    # Per modality with unfreeze_top: the encoder layer's shape (EncoderLayer's arguments), read
+    # from the encoder's config when training starts; the weights then travel in the checkpoint.
+    encoder_layer: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -117,6 +127,16 @@ class FusionConfig(Architecture):
                 raise UserError(f"{m}: num_layers_in and pool_stride must be >= 1, self_layers >= 0")
             if self.width_of(m) % self.heads:
                 raise UserError(f"{m}: width {self.width_of(m)} is not divisible by heads={self.heads}")
+            n_top = self.unfreeze_top.get(m, 0)
+            if n_top < 0:
+                raise UserError(f"unfreeze_top.{m} must be >= 0, got {n_top}")
+            if n_top and self.num_layers_in[m] <= n_top:
+                raise UserError(
+                    f"unfreeze_top.{m}={n_top} needs the hidden state below the encoder's top {n_top} layers: "
+                    f"cache every layer (extract.encoders.{m}.layer: all); this cache has {self.num_layers_in[m]}"
+                )
+            if n_top and self.encoder_layer.get(m, {}).get("width") != self.input_dims[m]:
+                raise UserError(f"unfreeze_top.{m}: no encoder layer shape of width {self.input_dims[m]} given")
         if self.max_positions < 2:
             raise UserError("max_positions must be >= 2 (start token + at least one frame)")
 
@@ -242,6 +262,36 @@ class Block(nn.Module):
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
+class EncoderLayer(nn.Module):
+    """One layer of a BERT-style encoder (BERT, RoBERTa, MiniLM): post-LN self-attention and a GELU
+    FFN, the computation of transformers' BertLayer, written out so that the encoder's own weights
+    load into it (names: HFEncoder.top_layers) and train inside the fusion model (unfreeze_top)."""
+
+    def __init__(self, width: int, heads: int, ffn: int, eps: float, dropout: float, attn_dropout: float):
+        super().__init__()
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.up, self.down = nn.Linear(width, ffn), nn.Linear(ffn, width)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x: Tensor, keys: Tensor) -> Tensor:
+        """x (B, T, W); keys (B, T) True = a position every query may attend to."""
+        B, T, W = x.shape
+
+        def split(t: Tensor) -> Tensor:  # (B, T, W) -> (B, heads, T, W / heads)
+            return t.view(B, T, self.heads, -1).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(
+            split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=keys[:, None, None, :],
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        x = self.norm1(x + self.drop(self.out(a.transpose(1, 2).reshape(B, T, W))))
+        return self.norm2(x + self.drop(self.down(F.gelu(self.up(x)))))
+
+
 class Stream(nn.Module):
     """One modality from cached features to its self-attended sequence (B, 1 + T', W).
 
@@ -253,8 +303,12 @@ class Stream(nn.Module):
         d, w, n_layers = cfg.input_dims[m], cfg.width_of(m), cfg.num_layers_in[m]
         self.stride = cfg.pool_stride[m]
         self.max_frames = cfg.max_positions - 1  # one position is the start token's
-        # SUPERB-style weighted sum of encoder layers; zeros = equal weights after softmax.
-        self.layer_logits = nn.Parameter(torch.zeros(n_layers)) if n_layers > 1 else None
+        # The encoder's own top layers (unfreeze_top) run on the cached hidden state below them...
+        n_top = cfg.unfreeze_top.get(m, 0)
+        self.encoder_top = nn.ModuleList(EncoderLayer(**cfg.encoder_layer[m]) for _ in range(n_top))
+        self.top_input = n_layers - 1 - n_top  # index of that state in (T, L, D): L = embeddings + layers
+        # ...or a SUPERB-style weighted sum of the encoder's layers; zeros = equal weights after softmax.
+        self.layer_logits = nn.Parameter(torch.zeros(n_layers)) if n_layers > 1 and not n_top else None
         self.proj = nn.Linear(d, w) if cfg.preset == "fast" else nn.Identity()
         self.start = nn.Parameter(torch.randn(w) * 0.02)
         self.positions = nn.Parameter(torch.randn(cfg.max_positions, w) * 0.02)
@@ -281,7 +335,13 @@ class Stream(nn.Module):
         if not zeroed.is_meta and not torch.isfinite(zeroed.sum()):
             zeroed = torch.where(wide_mask, x.to(self.start.dtype), 0.0)
         x = zeroed
-        if self.layer_logits is not None:
+        if self.encoder_top:
+            x = x[:, :, self.top_input]
+            keys = mask | ~mask.any(1, keepdim=True)  # an absent sample attends to its zeros, not to nothing (NaN)
+            for layer in self.encoder_top:
+                x = layer(x, keys)
+            x = x * mask[..., None]
+        elif self.layer_logits is not None:
             x = torch.einsum("btld,l->btd", x, self.layer_weights())
         # Masked means commute with the (affine) projection, so pooling before it is the same, and cheaper.
         x, mask = pool_time(x, mask, self.stride)

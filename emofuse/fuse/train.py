@@ -39,6 +39,7 @@ from emofuse import __version__
 from emofuse.config import Config, save_config
 from emofuse.corpora import corpus_folds, load_corpus
 from emofuse.errors import UserError
+from emofuse.extract.encoders.base import build_encoder
 from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches, prefetched
 from emofuse.fuse.metrics import PRIMARY, SELECTABLE, is_better, task_metrics
 from emofuse.fuse.model import MODALITIES, SSEFT, FusionConfig
@@ -69,14 +70,31 @@ def load_data(cfg: Config, modalities: list[str] | None = None) -> CachedData:
     return data
 
 
-def fusion_config(cfg: Config, data: CachedData) -> FusionConfig:
+def unfrozen_layers(cfg: Config, modalities: list[str]) -> dict[str, tuple[dict, dict]]:
+    """Per modality with model.unfreeze_top: its encoder's top layers, (shape, weights), read from
+    the encoder the cache was extracted with (its folder must still be here, as for `predict`)."""
+    out = {}
+    for m in modalities:
+        n = (cfg.model.unfreeze_top or {}).get(m, 0)
+        if not n:
+            continue
+        spec = cfg.extract.encoders[m]
+        encoder = build_encoder(m, {**spec, "dtype": "float32", "device": "cpu"})  # the weights, as trained
+        if not hasattr(encoder, "top_layers"):
+            raise UserError(f"model.unfreeze_top.{m}: the {spec['backend']} encoder has no layers emofuse can train "
+                            "(BERT-style text encoders of the hf and minilm backends have)")
+        out[m] = encoder.top_layers(n)
+    return out
+
+
+def fusion_config(cfg: Config, data: CachedData, encoder_layer: dict[str, dict] | None = None) -> FusionConfig:
     p = data.protocol
     # classification: one logit per class; multilabel: one 2-way head (no, yes) per class; regression: one score
     num_outputs = {"classification": len(p.classes), "multilabel": 2 * len(p.classes)}.get(p.task, 1)
     arch = asdict(cfg.model)
     arch.pop("modalities")
     return FusionConfig(modalities=list(data.stores), input_dims=data.dims(), num_layers_in=data.layers(),
-                        num_outputs=num_outputs, **arch)
+                        num_outputs=num_outputs, encoder_layer=encoder_layer or {}, **arch)
 
 
 def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None = None,
@@ -98,10 +116,16 @@ def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
     return (a * b).sum() / (a.norm() * b.norm() + eps)
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(model: SSEFT, lr: float, weight_decay: float, unfrozen_lr: float = 5e-5) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CPU and CUDA): one pass over every parameter instead of a dozen
-    small ops per tensor; its step took 2 ms instead of 8 for the `fast` model on a CPU."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    small ops per tensor; its step took 2 ms instead of 8 for the `fast` model on a CPU. Encoder
+    layers trained from their pretrained weights (unfreeze_top) take their own, smaller lr."""
+    unfrozen = [p for s in model.streams.values() for p in s.encoder_top.parameters()]
+    ids = {id(p) for p in unfrozen}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if unfrozen:
+        groups.append({"params": unfrozen, "lr": unfrozen_lr})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def balanced_class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
@@ -252,10 +276,14 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
         if not ids:
             raise UserError(f"split {name!r} of {data.cache_dir} has no labelled utterances")
 
-    normalizer = Normalizer.fit(data.features, train_ids) if t.normalize else None
-    fcfg = fusion_config(cfg, data)
-    model = SSEFT(fcfg)
-    opt = adamw(model, lr=t.lr, weight_decay=t.weight_decay)
+    unfrozen = unfrozen_layers(cfg, list(data.stores))
+    model = SSEFT(fusion_config(cfg, data, {m: shape for m, (shape, _) in unfrozen.items()}))
+    for m, (_, weights) in unfrozen.items():
+        model.streams[m].encoder_top.load_state_dict(weights)
+    # Encoder layers read the hidden states as the encoder made them: those modalities are not standardised.
+    standardized = {m: f for m, f in data.features.items() if m not in unfrozen}
+    normalizer = Normalizer.fit(standardized, train_ids) if t.normalize else None
+    opt = adamw(model, lr=t.lr, weight_decay=t.weight_decay, unfrozen_lr=t.unfrozen_lr)
     steps_per_epoch = math.ceil(len(train_ids) / t.batch_size)
     total = max(1, t.epochs * steps_per_epoch)
     warmup = max(1, int(t.warmup_ratio * total))

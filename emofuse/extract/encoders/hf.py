@@ -354,6 +354,37 @@ class HFEncoder(Encoder):
         # each input over its own samples (valid_samples in _forward_padded).
         self.masked = swapped or getattr(self.config, "feat_extract_norm", "layer") == "layer"
 
+    # -- the top layers, for training them from the cache (model.unfreeze_top) --------------------
+
+    # emofuse.fuse.model.EncoderLayer's names -> those of a transformers BertLayer / RobertaLayer
+    LAYER_NAMES = {
+        "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+        "out": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+        "up": "intermediate.dense", "down": "output.dense", "norm2": "output.LayerNorm",
+    }
+
+    def top_layers(self, n: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The shape (EncoderLayer's arguments) and the float32 weights of this encoder's top n
+        layers, keyed '<i>.<name>.<weight|bias>' for i = 0..n-1 from the lower one up."""
+        c = self.config
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        bert_style = (self.modality == "text" and layers is not None and getattr(c, "hidden_act", None) == "gelu"
+                      and all(f"{path}.weight" in layers[0].state_dict() for path in self.LAYER_NAMES.values()))
+        if not bert_style:
+            raise UserError(f"unfreeze_top: {self.folder} ({c.model_type}) is not a BERT-style text encoder "
+                            "with GELU layers (BERT, RoBERTa, MiniLM), whose layers emofuse can train")
+        if not 0 < n <= len(layers):
+            raise UserError(f"unfreeze_top: the encoder has {len(layers)} layers; cannot unfreeze {n}")
+        shape = dict(width=c.hidden_size, heads=c.num_attention_heads, ffn=c.intermediate_size, eps=c.layer_norm_eps,
+                     dropout=c.hidden_dropout_prob, attn_dropout=c.attention_probs_dropout_prob)
+        state = {}
+        for i, layer in enumerate(layers[len(layers) - n :]):
+            theirs = layer.state_dict()
+            for ours, path in self.LAYER_NAMES.items():
+                for kind in ("weight", "bias"):
+                    state[f"{i}.{ours}.{kind}"] = theirs[f"{path}.{kind}"].detach().float().clone()
+        return shape, state
+
     # -- the Encoder interface -------------------------------------------------------------------
 
     def weights_sha256(self) -> dict:
