@@ -339,3 +339,34 @@ def test_dropout_keeps_the_expected_share_and_mean():
     out = Dropout(0.5)(g)
     out.sum().backward()
     assert torch.equal(g.grad, out.detach())  # gradient flows through kept elements only, scaled alike
+
+
+def test_unfrozen_encoder_layers_see_only_real_tokens_and_absent_text_stays_finite():
+    """unfreeze_top: the encoder's layers replace the layer mix and run on the cached state below
+    them; a sample's output does not depend on its batch-mates' lengths (padding is masked out of
+    their attention), and a sample without text gives no NaN, forward or backward."""
+    layer = dict(width=16, heads=2, ffn=32, eps=1e-12, dropout=0.0, attn_dropout=0.0)
+    cfg = small_config(["audio", "text"], num_layers_in={"audio": 1, "text": 3}, unfreeze_top={"text": 2},
+                       encoder_layer={"text": layer}, self_layers={"audio": 1, "text": 0}, dropout=0.0)
+    model = model_for(cfg)
+    assert len(model.streams["text"].encoder_top) == 2 and model.streams["text"].layer_logits is None
+    lengths = {"audio": [3, 9, 6], "text": [5, 2, 8]}
+    feats, masks = make_batch(cfg, lengths)
+    batch_out = model(feats, masks)
+    for b in range(3):
+        f = {m: feats[m][b : b + 1, : lengths[m][b]] for m in cfg.modalities}
+        k = {m: masks[m][b : b + 1, : lengths[m][b]] for m in cfg.modalities}
+        torch.testing.assert_close(model(f, k)[0], batch_out[b], atol=1e-5, rtol=0)
+    # only the state below the unfrozen layers is read: the top cached layer is not
+    changed = {**feats, "text": feats["text"].clone()}
+    changed["text"][:, :, 2] = 1e3
+    torch.testing.assert_close(model(changed, masks), batch_out)
+    model.train()
+    out = model(feats, masks, {"text": torch.tensor([True, False, True])})
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(UserError, match="cache every layer"):
+        small_config(["text"], num_layers_in={"text": 2}, unfreeze_top={"text": 2}, encoder_layer={"text": layer})
+    with pytest.raises(UserError, match="no encoder layer shape"):
+        small_config(["text"], num_layers_in={"text": 3}, unfreeze_top={"text": 1})

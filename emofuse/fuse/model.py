@@ -337,7 +337,8 @@ class Stream(nn.Module):
         x = zeroed
         if self.encoder_top:
             x = x[:, :, self.top_input]
-            keys = mask | ~mask.any(1, keepdim=True)  # an absent sample attends to its zeros, not to nothing (NaN)
+            # an absent sample attends to its zeros: some attention kernels give NaN for a row with no key
+            keys = mask | ~mask.any(1, keepdim=True)
             for layer in self.encoder_top:
                 x = layer(x, keys)
             x = x * mask[..., None]
