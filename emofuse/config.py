@@ -74,7 +74,8 @@ class TrainConfig:
     modality_dropout: float = 0.0  # chance to hide each present modality of a training sample
     # train-time augmentation of the normalised features (emofuse/fuse/train.py: augment): Gaussian
     # noise of this standard deviation on every real frame; one span of up to this fraction of each
-    # sample's frames set to zero (SpecAugment-style time masking). 0 = off.
+    # sample's frames set to zero (SpecAugment-style time masking). 0 = off. (A modality read by
+    # model.unfreeze_top's encoder layers is not normalised: the noise is then in its own units.)
     feature_noise: float = 0.0
     time_mask: float = 0.0
     normalize: bool = True  # standardise each feature dim with train-split mean/std (opensmile LLDs span Hz and dB)

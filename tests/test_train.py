@@ -444,8 +444,8 @@ def test_unfrozen_top_layers_start_from_the_encoder_and_train_from_the_cache(tmp
     for i in range(50):
         score = float(rng.uniform(-3, 3))
         words = [str(w) for w in rng.choice(good if score > 0 else bad, size=int(rng.integers(2, 6)))]
-        utts.append(Utterance(id=f"u{i:02d}", split=["train", "train", "train", "dev", "test"][i % 5],
-                              text=" ".join(words), labels={"sentiment": score}))
+        utts.append(Utterance(id=f"u{i:02d}", speaker=f"s{i % 4}", text=" ".join(words), labels={"sentiment": score},
+                              split=["train", "train", "train", "dev", "test"][i % 5]))
     write_utterances(utts, cache / "utterances.jsonl")
     (cache / "protocol.json").write_text(json.dumps(vars(Protocol("toy-score", "sentiment", task="regression"))))
     spec = encoder.full_spec()
@@ -496,3 +496,5 @@ train: {{runs: {tmp_path / 'runs'}, name: top, epochs: 3, patience: 3, batch_siz
 
     with pytest.raises(UserError, match="cache every layer"):
         fusion_config(load_config(cfg_path, ["model.unfreeze_top.text=3"]), data, {"text": shape})
+    with pytest.raises(UserError, match="speaker_norm standardises every modality"):
+        train(load_config(cfg_path, ["train.speaker_norm=true", "train.name=spk"]), progress=False, log=lambda *_: None)

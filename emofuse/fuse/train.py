@@ -277,6 +277,9 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
             raise UserError(f"split {name!r} of {data.cache_dir} has no labelled utterances")
 
     unfrozen = unfrozen_layers(cfg, list(data.stores))
+    if unfrozen and t.speaker_norm:
+        raise UserError("train.speaker_norm standardises every modality, but the encoder layers of "
+                        "model.unfreeze_top need the hidden states as the encoder made them; use one or the other")
     model = SSEFT(fusion_config(cfg, data, {m: shape for m, (shape, _) in unfrozen.items()}))
     for m, (_, weights) in unfrozen.items():
         model.streams[m].encoder_top.load_state_dict(weights)
