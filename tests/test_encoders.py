@@ -653,8 +653,8 @@ def test_unsupported_conv_layers_keep_transformers_encoder():
     assert not use_channels_last_feature_encoder(model)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "minilm"])
-def test_top_layers_rerun_on_the_cached_state_below_give_the_encoders_output(tiny, kind):
+@pytest.mark.parametrize("kind", ["bert", "roberta", "minilm", "w2v_layer"])
+def test_top_layers_rerun_on_the_cached_state_below_give_the_encoders_output(tiny, kind, tmp_path):
     """model.unfreeze_top: the encoder's top n layers, loaded into the fusion model's EncoderLayer
     and fed the hidden state below them as a `layer: all` cache keeps it, give the encoder's own last
     hidden state, in a padded batch too (max abs difference under 1e-5 in float32). MiniLM's real
@@ -662,10 +662,15 @@ def test_top_layers_rerun_on_the_cached_state_below_give_the_encoders_output(tin
     from emofuse.fuse.model import EncoderLayer
 
     spec = {"backend": "minilm"} if kind == "minilm" else {"backend": "hf", "path": tiny[kind]}
-    enc = build_encoder("text", {**spec, "layer": "all"})
-    outs = enc.encode([enc.prepare(Utterance(id=str(i), text=t)) for i, t in enumerate(
-        ["a short one", "and a somewhat longer sentence than the first, I am so angry!", "yes"])])
-    T, L = max(len(o) for o in outs), enc.layers_out  # L: embeddings + every layer
+    if kind.startswith("w2v"):
+        enc = build_encoder("audio", {**spec, "layer": "all"})
+        utts = [wav_utt(tmp_path, f"c{i}", seconds, seed=i) for i, seconds in enumerate([1.0, 2.5, 0.6])]
+    else:
+        enc = build_encoder("text", {**spec, "layer": "all"})
+        utts = [Utterance(id=str(i), text=t) for i, t in enumerate(
+            ["a short one", "and a somewhat longer sentence than the first, I am so angry!", "yes"])]
+    outs = enc.encode([enc.prepare(u) for u in utts])
+    T, L = max(len(o) for o in outs), enc.layers_out  # L: the input to the layers + every layer
     cached = torch.zeros(len(outs), T, L, enc.dim)
     valid = torch.zeros(len(outs), T, dtype=torch.bool)
     for b, o in enumerate(outs):
@@ -673,7 +678,8 @@ def test_top_layers_rerun_on_the_cached_state_below_give_the_encoders_output(tin
     for n in (1, 2):
         shape, weights = enc.top_layers(n)
         if kind != "minilm":
-            assert shape == dict(width=32, heads=2, ffn=64, eps=1e-12, dropout=0.1, attn_dropout=0.1)
+            eps = 1e-5 if kind.startswith("w2v") else 1e-12
+            assert shape == dict(width=32, heads=2, ffn=64, eps=eps, dropout=0.1, attn_dropout=0.1)
         layers = torch.nn.ModuleList(EncoderLayer(**shape) for _ in range(n)).eval()
         layers.load_state_dict(weights)  # strict: every weight named and used
         x = cached[:, :, L - 1 - n]
@@ -683,9 +689,9 @@ def test_top_layers_rerun_on_the_cached_state_below_give_the_encoders_output(tin
         assert maxdiff(x[valid].numpy(), cached[:, :, L - 1][valid].numpy()) < TOL
     with pytest.raises(UserError, match=f"cannot unfreeze {L}"):
         enc.top_layers(L)
-    audio = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_layer"]})
-    with pytest.raises(UserError, match="not a BERT-style text encoder"):
-        audio.top_layers(1)
+    pre_ln = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_stable"]})
+    with pytest.raises(UserError, match="not pre-LN"):
+        pre_ln.top_layers(1)
 
 
 def test_hf_errors(tiny, tmp_path):

@@ -4,7 +4,7 @@ Read top to bottom:
   FusionConfig  - every hyper-parameter, JSON round-trip
   helpers       - masked pooling in time, fitting a sequence into the learned positions
   Block         - one post-LN transformer layer (self- or cross-modal attention + FFN)
-  EncoderLayer  - one layer of a BERT-style text encoder, to train its top layers from the cache
+  EncoderLayer  - one layer of a pretrained encoder (BERT-, wav2vec2-style), to train it from the cache
   Stream        - one modality: layer mix (or the encoder's own top layers) -> pooling -> (fast)
                   projection -> start token
                   -> positions -> LayerNorm -> dropout -> self-attention layers
@@ -80,7 +80,8 @@ class Architecture:
     # Train the encoder's own top N layers of a modality here, started from its pretrained weights,
     # on the cached hidden state below them (the cache must keep every layer: `layer: all`). The
     # layers under them stay frozen and cached, so this is partial fine-tuning that still trains
-    # from the cache. BERT-style text encoders (hf and minilm backends); 0 = the learned layer mix.
+    # from the cache. Post-LN encoders of the hf and minilm backends (BERT, RoBERTa, MiniLM;
+    # wav2vec2-base, HuBERT-base, data2vec-audio-base); 0 = the learned layer mix.
     unfreeze_top: Optional[dict[str, int]] = None
 
     def __post_init__(self):
@@ -263,9 +264,10 @@ class Block(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One layer of a BERT-style encoder (BERT, RoBERTa, MiniLM): post-LN self-attention and a GELU
-    FFN, the computation of transformers' BertLayer, written out so that the encoder's own weights
-    load into it (names: HFEncoder.top_layers) and train inside the fusion model (unfreeze_top)."""
+    """One layer of a post-LN transformer encoder: self-attention and a GELU FFN, the computation of
+    transformers' BertLayer (BERT, RoBERTa, MiniLM) and Wav2Vec2EncoderLayer (wav2vec2-base,
+    HuBERT-base), written out so that the encoder's own weights load into it (names:
+    HFEncoder.top_layers) and train inside the fusion model (unfreeze_top)."""
 
     def __init__(self, width: int, heads: int, ffn: int, eps: float, dropout: float, attn_dropout: float):
         super().__init__()

@@ -82,7 +82,7 @@ def unfrozen_layers(cfg: Config, modalities: list[str]) -> dict[str, tuple[dict,
         encoder = build_encoder(m, {**spec, "dtype": "float32", "device": "cpu"})  # the weights, as trained
         if not hasattr(encoder, "top_layers"):
             raise UserError(f"model.unfreeze_top.{m}: the {spec['backend']} encoder has no layers emofuse can train "
-                            "(BERT-style text encoders of the hf and minilm backends have)")
+                            "(post-LN encoders of the hf and minilm backends have)")
         out[m] = encoder.top_layers(n)
     return out
 

@@ -356,31 +356,53 @@ class HFEncoder(Encoder):
 
     # -- the top layers, for training them from the cache (model.unfreeze_top) --------------------
 
-    # emofuse.fuse.model.EncoderLayer's names -> those of a transformers BertLayer / RobertaLayer
+    # emofuse.fuse.model.EncoderLayer's names -> those of the transformers layers it reproduces: post-LN
+    # layers with GELU, BertLayer / RobertaLayer for text, Wav2Vec2EncoderLayer (HuBERT and
+    # data2vec-audio share it) for audio
     LAYER_NAMES = {
-        "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-        "out": "attention.output.dense", "norm1": "attention.output.LayerNorm",
-        "up": "intermediate.dense", "down": "output.dense", "norm2": "output.LayerNorm",
+        "text": {
+            "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+            "out": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+            "up": "intermediate.dense", "down": "output.dense", "norm2": "output.LayerNorm",
+        },
+        "audio": {
+            "query": "attention.q_proj", "key": "attention.k_proj", "value": "attention.v_proj",
+            "out": "attention.out_proj", "norm1": "layer_norm",
+            "up": "feed_forward.intermediate_dense", "down": "feed_forward.output_dense", "norm2": "final_layer_norm",
+        },
     }
 
     def top_layers(self, n: int) -> tuple[dict, dict[str, torch.Tensor]]:
         """The shape (EncoderLayer's arguments) and the float32 weights of this encoder's top n
         layers, keyed '<i>.<name>.<weight|bias>' for i = 0..n-1 from the lower one up."""
-        c = self.config
-        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
-        bert_style = (self.modality == "text" and layers is not None and getattr(c, "hidden_act", None) == "gelu"
-                      and all(f"{path}.weight" in layers[0].state_dict() for path in self.LAYER_NAMES.values()))
-        if not bert_style:
-            raise UserError(f"unfreeze_top: {self.folder} ({c.model_type}) is not a BERT-style text encoder "
-                            "with GELU layers (BERT, RoBERTa, MiniLM), whose layers emofuse can train")
+        c, names = self.config, self.LAYER_NAMES[self.modality]
+        encoder = getattr(self.model, "encoder", None)
+        layers = getattr(encoder, "layer" if self.modality == "text" else "layers", None)
+        trainable = (
+            layers is not None and getattr(c, "hidden_act", None) == "gelu"
+            and all(f"{path}.weight" in layers[0].state_dict() for path in names.values())
+            # pre-LN stacks (wav2vec2-large-lv60, HuBERT-large) compute another layer; WavLM adds a
+            # relative position bias to its attention
+            and not getattr(c, "do_stable_layer_norm", False) and c.model_type != "wavlm"
+        )
+        if not trainable:
+            raise UserError(
+                f"unfreeze_top: {self.folder} ({c.model_type}) has no layers emofuse can train: it trains "
+                "post-LN GELU layers (text: BERT, RoBERTa, MiniLM; audio: wav2vec2-base, HuBERT-base, "
+                "data2vec-audio-base), not pre-LN (stable layer norm) models or WavLM"
+            )
         if not 0 < n <= len(layers):
             raise UserError(f"unfreeze_top: the encoder has {len(layers)} layers; cannot unfreeze {n}")
+        if self.modality == "text":
+            dropout, attn_dropout = c.hidden_dropout_prob, c.attention_probs_dropout_prob
+        else:
+            dropout, attn_dropout = c.hidden_dropout, c.attention_dropout
         shape = dict(width=c.hidden_size, heads=c.num_attention_heads, ffn=c.intermediate_size, eps=c.layer_norm_eps,
-                     dropout=c.hidden_dropout_prob, attn_dropout=c.attention_probs_dropout_prob)
+                     dropout=dropout, attn_dropout=attn_dropout)
         state = {}
         for i, layer in enumerate(layers[len(layers) - n :]):
             theirs = layer.state_dict()
-            for ours, path in self.LAYER_NAMES.items():
+            for ours, path in names.items():
                 for kind in ("weight", "bias"):
                     state[f"{i}.{ours}.{kind}"] = theirs[f"{path}.{kind}"].detach().float().clone()
         return shape, state
