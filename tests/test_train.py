@@ -422,7 +422,7 @@ def test_keep_last_tests_the_weights_of_the_final_epoch(toy_run):
         load_config(toy_run, ["train.keep=final"])
 
 
-def test_unfrozen_top_layers_start_from_the_encoder_and_train_from_the_cache(tmp_path):
+def test_unfrozen_top_layers_start_from_the_encoder_and_train_from_the_cache(tmp_path, monkeypatch):
     """model.unfreeze_top on a cache made by a real (tiny) BERT with `layer: all`: the text stream
     starts with the encoder's own top layer, which turns the cached state below it into the cached
     last layer; those weights train at train.unfrozen_lr (0 leaves them exactly as loaded); text is
@@ -493,6 +493,22 @@ train: {{runs: {tmp_path / 'runs'}, name: top, epochs: 3, patience: 3, batch_siz
     assert all(torch.equal(still[k], weights[f"0.{k}"]) for k in still)
     moved = trained_top("trained", 0.001)
     assert any(not torch.allclose(moved[k], weights[f"0.{k}"]) for k in moved)
+
+    # interrupted after its first epoch and resumed: the same weights, both optimizer groups restored
+    real_save = train_mod.save_resume
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_resume", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(cfg_path, ["train.name=cut"]), progress=False, log=lambda *_: None)
+    monkeypatch.setattr(train_mod, "save_resume", real_save)
+    resume_run(str(tmp_path / "runs" / "cut"), progress=False, log=lambda *_: None)
+    a = load_file(tmp_path / "runs" / "trained" / "seed-0" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "cut" / "seed-0" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     with pytest.raises(UserError, match="cache every layer"):
         fusion_config(load_config(cfg_path, ["model.unfreeze_top.text=3"]), data, {"text": shape})
