@@ -78,7 +78,7 @@ def main(argv=None) -> None:
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         common.log(f"[paper-memory] {rows[-1]['what']}: peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB")
-    common.write_result(NAME, {"rows": rows})
+    common.write_result(NAME, {"rows": rows}, args.out)
     print("| measurement | peak RSS |\n|---|---:|")
     for r in rows:
         print(f"| {r['what']} | {r['peak_rss_gib']:.2f} GiB |")
