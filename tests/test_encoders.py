@@ -639,6 +639,23 @@ def test_channels_last_feature_encoder_equals_transformers():
             assert error(got16) < 1.1 * error(ref16), name  # here: 0.6-1.6% against autocast's 0.6-2.5%
 
 
+def test_conv_activation_runs_in_place_only_where_it_is_exact_gelu():
+    """The feature encoder overwrites each conv output with its GELU (the largest tensors of the
+    model); any other activation, the tanh approximations included, is the module's own call."""
+    from transformers.activations import ACT2FN
+
+    from emofuse.extract.encoders.conv_features import activate
+
+    x = torch.randn(64, 8) * 3
+    cases = {name: ACT2FN[name] for name in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")}
+    cases.update({"nn.GELU": torch.nn.GELU(), "nn.GELU tanh": torch.nn.GELU(approximate="tanh")})
+    for name, activation in cases.items():
+        fresh = x.clone()
+        got = activate(activation, fresh)
+        assert torch.equal(got, activation(x)), name
+        assert (got.data_ptr() == fresh.data_ptr()) == (name in ("gelu", "nn.GELU")), name
+
+
 def test_unsupported_conv_layers_keep_transformers_encoder():
     """A GroupNorm that pools channels (or a padded conv) is not what the fast path computes: the
     model keeps transformers' own encoder, and the spec says so."""
