@@ -12,7 +12,10 @@ into a real feature store (HDF5 shards). Measured side by side in one run:
   - a naive loop that loads and encodes one file at a time in fp32, without the pipeline
     (plain soundfile + transformers for wav2vec2; prepare + encode one by one for the others);
   - the encoder's FLOP limit on this machine: FLOPs of the forwards (torch's flop counter) divided
-    by the torch.matmul rate measured in this run (large fp32 / bf16 matrices, before and after).
+    by the torch.matmul rate on large fp32 / bf16 matrices. The wav2vec2 rows run interleaved, in
+    two rounds over halves of the clips (the second in reverse order), each part right after a
+    matmul probe of its dtype, because this VM's speed drifts within minutes (bench_wav2vec2);
+    the offline rows use the rate measured before and after the run.
 
 Printed: media seconds per second, fraction of the FLOP limit, ratio to the naive loop, and the
 padding fraction of the encoder batches (padded positions / all positions in the forwards).
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repository on sys.path)
 
 NAME = "extraction"
+ROUNDS = 2  # see bench_wav2vec2
 
 
 def instrument(encoder) -> dict:
@@ -87,30 +91,44 @@ def wav2vec2_flops_model(folder: Path, device: str, probe_seconds=(4.0, 12.0)) -
     return float(a), float(b)
 
 
-def naive_wav2vec2(folder: Path, clips, out: Path, device: str) -> float:
-    """One file at a time, fp32, no pipeline: read, normalise, forward, save."""
-    import numpy as np
-    import soundfile as sf
-    import torch
-    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+class NaiveWav2vec2:
+    """One file at a time, fp32, no pipeline: read, normalise, forward, save (the model is loaded
+    before the clock, like the pipeline rows' encoders)."""
 
-    model = Wav2Vec2Model.from_pretrained(folder).eval().to(device)
-    fe = Wav2Vec2FeatureExtractor.from_pretrained(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for i, (path, _) in enumerate(clips):
-        wav, sr = sf.read(path, dtype="float32")
-        x = fe(wav, sampling_rate=sr, return_tensors="pt")["input_values"].to(device)
-        with torch.inference_mode():
-            h = model(x).last_hidden_state[0]
-        np.save(out / f"{i}.npy", h.float().cpu().numpy().astype(np.float16))
-    seconds = time.perf_counter() - start
-    del model
-    return seconds
+    def __init__(self, folder: Path, device: str):
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+        self.model = Wav2Vec2Model.from_pretrained(folder).eval().to(device)
+        self.fe = Wav2Vec2FeatureExtractor.from_pretrained(folder)
+        self.device = device
+
+    def __call__(self, clips, out: Path) -> float:
+        import numpy as np
+        import soundfile as sf
+        import torch
+
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        for i, (path, _) in enumerate(clips):
+            wav, sr = sf.read(path, dtype="float32")
+            x = self.fe(wav, sampling_rate=sr, return_tensors="pt")["input_values"].to(self.device)
+            with torch.inference_mode():
+                h = self.model(x).last_hidden_state[0]
+            np.save(out / f"{i}.npy", h.float().cpu().numpy().astype(np.float16))
+        return time.perf_counter() - start
 
 
-def bench_wav2vec2(args, tmp: Path, rates: dict) -> tuple[list[dict], dict]:
+def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
+    """Every row runs in ROUNDS rounds over disjoint halves of the clips, in reverse order in the
+    second round, and each part of a row is preceded by a matmul probe of its dtype. This VM's bf16
+    matmul rate moves 2-3x within minutes (other tenants share the AMX units): rows timed one after
+    the other minutes apart compared machine states, not code. Interleaved, a drift over the run
+    falls on every row alike (to first order), and each row's FLOP limit comes from the rate
+    measured next to it (time-weighted over its parts)."""
+    import contextlib
+
     from emofuse.corpora.base import Utterance
+    from emofuse.extract.encoders import hf
     from emofuse.extract.encoders.base import build_encoder
 
     n, lo, hi = (6, 2.0, 4.0) if args.quick else (args.clips, 2.0, 15.0)
@@ -120,38 +138,26 @@ def bench_wav2vec2(args, tmp: Path, rates: dict) -> tuple[list[dict], dict]:
     # drawn independently, so the subset has the corpus's length distribution, and the rates
     # (seconds of audio per second) compare; the bf16 rows run on all clips.
     every = 1 if args.quick else args.reference_every
-    reference = clips[::every]
-    common.log(f"[extraction] {sum(d for _, d in clips):.0f} s of audio ({sum(d for _, d in reference):.0f} s in the "
-               f"fp32 rows: every {every} clip(s)); building random-weight wav2vec2-base")
+    halves = [clips[r::ROUNDS] for r in range(ROUNDS)]
+    common.log(f"[extraction] {sum(d for _, d in clips):.0f} s of audio ({sum(d for _, d in clips[::every]):.0f} s in "
+               f"the fp32 rows: every {every} clip(s)), in {ROUNDS} interleaved rounds; building random-weight wav2vec2-base")
     folder = common.make_wav2vec2(tmp / "wav2vec2-base")
     a, b = wav2vec2_flops_model(folder, args.device, (1.0, 3.0) if args.quick else (4.0, 12.0))
     device = args.device
     budget = 16000 * 60  # the config default: 60 s of padded audio per batch
+    flops = lambda subset: sum(a * d + b * d * d for _, d in subset)  # noqa: E731
+    parts = contextlib.ExitStack()  # closed after the rounds
 
-    rows = []
-
-    def add(name, dtype, subset, seconds, stats=None, padding=0.0):
-        audio_s = sum(d for _, d in subset)
-        flops_per_audio_s = sum(a * d + b * d * d for _, d in subset) / audio_s
-        rate = audio_s / seconds
-        limit = rates[dtype]["flops_per_s"] / flops_per_audio_s
-        rows.append({"encoder": "wav2vec2-base (hf)", "path": name, "dtype": dtype, "clips": len(subset),
-                     "media_s": audio_s, "seconds": seconds, "media_s_per_s": rate,
-                     "flops_per_media_s": flops_per_audio_s,
-                     "flop_limit_media_s_per_s": limit, "fraction_of_limit": rate / limit,
-                     "padding_fraction": padding_fraction(stats) if stats else padding,
-                     "forwards": stats["forwards"] if stats else len(subset)})
-        common.log(f"[extraction]   {name} {dtype}: {rate:.2f} s of audio per s ({seconds:.1f} s)")
-
-    def pipeline(name, dtype, subset, model_folder):
-        common.log(f"[extraction] {name}, {dtype}, {len(subset)} clips")
+    def pipeline(model_folder, dtype):
         enc = build_encoder("audio", {"backend": "hf", "path": str(model_folder), "dtype": dtype, "device": device})
         stats = instrument(enc)
-        utts = [Utterance(id=p.stem, audio=str(p)) for p, _ in subset]
-        seconds, _ = run_pipeline(utts, enc, tmp / f"cache-{len(rows)}", budget)
-        add(name, dtype, subset, seconds, stats)
 
-    def pipeline_processes(name, dtype, subset, model_folder, n_workers):
+        def run(subset, out):
+            utts = [Utterance(id=p.stem, audio=str(p)) for p, _ in subset]
+            return run_pipeline(utts, enc, out, budget)[0]
+        return run, stats
+
+    def pipeline_processes(model_folder, dtype, n_workers):
         """`emofuse extract --workers N`: a dask LocalCluster of N processes with one torch thread
         each, writing into one store. Each worker builds its model before the clock, like the
         other rows; chunks of a quarter of the clips per worker, so both stay busy."""
@@ -159,46 +165,78 @@ def bench_wav2vec2(args, tmp: Path, rates: dict) -> tuple[list[dict], dict]:
 
         from emofuse.extract.distributed import describe_encoder, extract_modality_distributed
 
-        common.log(f"[extraction] {name}, {dtype}, {len(subset)} clips")
         spec = {"backend": "hf", "path": str(model_folder), "dtype": dtype, "device": device}
-        utts = [Utterance(id=p.stem, audio=str(p)) for p, _ in subset]
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
-            client.run(describe_encoder, "audio", spec, 1)
+        cluster = parts.enter_context(LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                                   dashboard_address=None))
+        client = parts.enter_context(Client(cluster))
+        client.run(describe_encoder, "audio", spec, 1)
+
+        def run(subset, out):
+            utts = [Utterance(id=p.stem, audio=str(p)) for p, _ in subset]
             start = time.perf_counter()
             result = extract_modality_distributed(
-                client, utts, "audio", spec, tmp / f"cache-{len(rows)}", budget=budget,
-                chunk_size=-(-len(utts) // (4 * n_workers)), torch_threads=1, progress=False, log=lambda *a: None)
+                client, utts, "audio", spec, out, budget=budget, chunk_size=-(-len(utts) // (4 * n_workers)),
+                torch_threads=1, progress=False, log=lambda *a: None)
             seconds = time.perf_counter() - start
-        if result.failed:
-            raise RuntimeError(f"{result.failed} utterances failed: {result.failure_reasons}")
-        add(name, dtype, subset, seconds, padding=None)  # batches are formed in the workers: not counted
+            if result.failed:
+                raise RuntimeError(f"{result.failed} utterances failed: {result.failure_reasons}")
+            return seconds
+        return run, None  # batches are formed in the workers: padding not counted
 
-    common.log(f"[extraction] naive loop, fp32, {len(reference)} clips")
-    add("naive loop", "float32", reference, naive_wav2vec2(folder, reference, tmp / "naive", device))
-    pipeline("pipeline", "float32", reference, folder)
-    pipeline("pipeline", "bfloat16", clips, folder)
-    if device == "cpu":
-        # The same row with the Linear layers on F.linear, which hands oneDNN the plain weight on
-        # every call (before packed linears): the A/B of hf.PackedLinear, in the same run.
-        from emofuse.extract.encoders import hf
+    with parts:  # the dask cluster of the 2-process row stays up through both rounds
+        # (name, dtype, every k-th clip, (run(subset, out) -> seconds, padding stats or None))
+        common.log("[extraction] loading every row's model (outside the clock)")
+        rows_spec = [("naive loop", "float32", every, (NaiveWav2vec2(folder, device), None)),
+                     ("pipeline", "float32", every, pipeline(folder, "float32")),
+                     ("pipeline", "bfloat16", 1, pipeline(folder, "bfloat16"))]
+        if device == "cpu":
+            # The same row with the Linear layers on F.linear, which hands oneDNN the plain weight on
+            # every call (before packed linears): the A/B of hf.PackedLinear, in the same run.
+            packing_works, hf.onednn_packing_works = hf.onednn_packing_works, lambda: False
+            try:
+                rows_spec.append(("pipeline, F.linear (not packed)", "bfloat16", 1, pipeline(folder, "bfloat16")))
+            finally:
+                hf.onednn_packing_works = packing_works
+            rows_spec.append(("pipeline, 2 processes x 1 thread", "bfloat16", 1, pipeline_processes(folder, "bfloat16", 2)))
+        if not args.quick and not args.no_layernorm:
+            # The same size with a layer-norm feature encoder (wav2vec2-large-lv60 style).
+            ln_folder = common.make_wav2vec2(tmp / "wav2vec2-base-ln", feat_extract_norm="layer")
+            rows_spec.append(("pipeline, layer-norm variant", "bfloat16", 1, pipeline(ln_folder, "bfloat16")))
 
-        packing_works, hf.onednn_packing_works = hf.onednn_packing_works, lambda: False
-        try:
-            pipeline("pipeline, F.linear (not packed)", "bfloat16", clips, folder)
-        finally:
-            hf.onednn_packing_works = packing_works
-        pipeline_processes("pipeline, 2 processes x 1 thread", "bfloat16", clips, folder, n_workers=2)
-    if not args.quick and not args.no_layernorm:
-        # The same size with a layer-norm feature encoder (wav2vec2-large-lv60 style).
-        ln_folder = common.make_wav2vec2(tmp / "wav2vec2-base-ln", feat_extract_norm="layer")
-        pipeline("pipeline, layer-norm variant", "bfloat16", clips, ln_folder)
+        totals = [{"seconds": 0.0, "clips": [], "rate_x_seconds": 0.0, "probes": []} for _ in rows_spec]
+        for r, half in enumerate(halves):
+            order = list(enumerate(rows_spec))
+            for i, (name, dtype, k, (run, _)) in order if r % 2 == 0 else order[::-1]:
+                subset = half[::k]
+                rate = common.matmul_rate(dtype, device, seconds=0.3 if args.quick else 1.0)["flops_per_s"]
+                seconds = run(subset, tmp / f"out-{i}-{r}")
+                t = totals[i]
+                t["seconds"] += seconds
+                t["clips"] += subset
+                t["rate_x_seconds"] += rate * seconds
+                t["probes"].append(rate)
+                common.log(f"[extraction]   round {r + 1}: {name} {dtype}: {sum(d for _, d in subset) / seconds:.2f} s of "
+                           f"audio per s ({seconds:.1f} s; matmul {rate / 1e9:.0f} GFLOP/s just before)")
+
+    rows = []
+    for (name, dtype, _, (_, stats)), t in zip(rows_spec, totals):
+        audio_s = sum(d for _, d in t["clips"])
+        flops_per_audio_s = flops(t["clips"]) / audio_s
+        rate = audio_s / t["seconds"]
+        matmul = t["rate_x_seconds"] / t["seconds"]
+        limit = matmul / flops_per_audio_s
+        rows.append({"encoder": "wav2vec2-base (hf)", "path": name, "dtype": dtype, "clips": len(t["clips"]),
+                     "media_s": audio_s, "seconds": t["seconds"], "media_s_per_s": rate,
+                     "flops_per_media_s": flops_per_audio_s, "matmul_flops_per_s": matmul,
+                     "matmul_probes": t["probes"], "flop_limit_media_s_per_s": limit, "fraction_of_limit": rate / limit,
+                     "padding_fraction": padding_fraction(stats) if stats else (0.0 if name == "naive loop" else None),
+                     "forwards": stats["forwards"] if stats else (len(t["clips"]) if name == "naive loop" else None)})
     naive = rows[0]["media_s_per_s"]
     for r in rows:
         r["ratio_to_naive"] = r["media_s_per_s"] / naive
     audio_s = sum(d for _, d in clips)
-    info = {"clips": len(clips), "reference_every": every, "clip_seconds": [lo, hi], "audio_seconds": audio_s,
-            "gflop_per_audio_second": sum(a * d + b * d * d for _, d in clips) / audio_s / 1e9,
+    info = {"clips": len(clips), "reference_every": every, "rounds": ROUNDS, "clip_seconds": [lo, hi],
+            "audio_seconds": audio_s, "gflop_per_audio_second": flops(clips) / audio_s / 1e9,
             "flops_fit": {"a_per_s": a, "b_per_s2": b}, "batch_budget_samples": budget}
     return rows, info
 
@@ -206,7 +244,7 @@ def bench_wav2vec2(args, tmp: Path, rates: dict) -> tuple[list[dict], dict]:
 # ------------------------------------------------------------------------------------- offline defaults
 
 
-def bench_offline(args, tmp: Path, rates: dict) -> tuple[list[dict], dict]:
+def bench_offline(args, tmp: Path) -> tuple[list[dict], dict]:
     import numpy as np
     import soundfile as sf
     import torch
@@ -254,9 +292,7 @@ def bench_offline(args, tmp: Path, rates: dict) -> tuple[list[dict], dict]:
                 with torch.no_grad():
                     flops += common.count_flops(lambda: model(input_ids=ids))
             row["gflop_per_utterance"] = flops / len(subset) / 1e9
-            row["flops"] = flops
-            row["flop_limit_media_s_per_s"] = rates["float32"]["flops_per_s"] / (flops / media_s)
-            row["fraction_of_limit"] = row["media_s_per_s"] / row["flop_limit_media_s_per_s"]
+            row["flops"] = flops  # its FLOP limit is set in main(), from the matmul rates around the run
         rows.append(row)
         common.log(f"[extraction]   {spec['backend']}: {row['media_s_per_s']:.1f} media s/s, "
                    f"{row['ratio_to_naive']:.2f}x the naive loop")
@@ -283,17 +319,13 @@ def main(argv=None) -> dict:
     common.log(f"[extraction] torch threads: {threads}")
     rates_before = {d: common.matmul_rate(d, dev, seconds=1.0 if args.quick else 3.0) for d in ("float32", "bfloat16")}
     common.log(f"[extraction] matmul: " + ", ".join(f"{d} {r['flops_per_s'] / 1e9:.0f} GFLOP/s" for d, r in rates_before.items()))
-    rates = rates_before
     with common.temp_dir(args.tmp, NAME) as tmp:
-        w_rows, w_info = bench_wav2vec2(args, tmp, rates)
-        o_rows, o_info = ([], {}) if args.skip_offline else bench_offline(args, tmp, rates)
+        w_rows, w_info = bench_wav2vec2(args, tmp)  # each row with its own limit (probes next to it)
+        o_rows, o_info = ([], {}) if args.skip_offline else bench_offline(args, tmp)
     rates_after = {d: common.matmul_rate(d, dev, seconds=1.0 if args.quick else 3.0) for d in ("float32", "bfloat16")}
-    # The limit uses the mean of the rates measured before and after (the load may drift).
+    # The offline rows' limit uses the mean of the rates measured before and after the run.
     rates = {d: {"dtype": d, "flops_per_s": (rates_before[d]["flops_per_s"] + rates_after[d]["flops_per_s"]) / 2}
              for d in rates_before}
-    for r in w_rows:
-        r["flop_limit_media_s_per_s"] = rates[r["dtype"]]["flops_per_s"] / r["flops_per_media_s"]
-        r["fraction_of_limit"] = r["media_s_per_s"] / r["flop_limit_media_s_per_s"]
     for r in o_rows:
         if r.get("flops"):
             r["flop_limit_media_s_per_s"] = rates["float32"]["flops_per_s"] / (r["flops"] / r["media_s"])
@@ -322,16 +354,18 @@ def main(argv=None) -> dict:
         data["packed_linears_speedup"] = bf16["media_s_per_s"] / unpacked["media_s_per_s"]
     path = common.write_result(NAME, data, args.out)
 
-    headers = ["encoder", "path", "dtype", "clips", "media s", "media s/s", "FLOP limit s/s", "of limit", "x naive", "padding"]
+    headers = ["encoder", "path", "dtype", "clips", "media s", "media s/s", "matmul GFLOP/s", "FLOP limit s/s", "of limit",
+               "x naive", "padding"]
     rows = []
     for r in w_rows + o_rows:
+        matmul = r.get("matmul_flops_per_s") or (rates["float32"]["flops_per_s"] if r.get("flops") else None)
         rows.append([r["encoder"], r["path"], r["dtype"], r["clips"], r["media_s"], r["media_s_per_s"],
-                     r["flop_limit_media_s_per_s"],
+                     None if matmul is None else matmul / 1e9, r["flop_limit_media_s_per_s"],
                      None if r["fraction_of_limit"] is None else f"{100 * r['fraction_of_limit']:.0f}%",
                      f"{r['ratio_to_naive']:.2f}x",
                      None if r["padding_fraction"] is None else f"{100 * r['padding_fraction']:.1f}%"])
     mm = ", ".join(f"{d} {rates[d]['flops_per_s'] / 1e9:.0f}" for d in rates)
-    title = (f"Extraction ({dev}, {threads['threads']} torch thread(s); matmul GFLOP/s {mm}; wav2vec2-base {w_info['gflop_per_audio_second']:.1f} "
+    title = (f"Extraction ({dev}, {threads['threads']} torch thread(s); matmul GFLOP/s before/after the run {mm}; wav2vec2-base {w_info['gflop_per_audio_second']:.1f} "
              f"GFLOP per audio second){' [QUICK: not a measurement]' if args.quick else ''}")
     print(common.table(rows, headers, title))
     if bf16:
