@@ -80,6 +80,11 @@ class TrainConfig:
     time_mask: float = 0.0
     normalize: bool = True  # standardise each feature dim with train-split mean/std (opensmile LLDs span Hz and dB)
     max_frames: int = 0  # 0 = keep all frames; else evenly subsample longer sequences (train and test alike)
+    # > 0: a training batch holding more padded frames than this (batch size x its longest cached
+    # sequence) runs forward and backward as micro-batches of at most this many, whose gradients add
+    # up to the whole batch's; it bounds training memory (the `paper` preset on 30 s clips: 7.1 GiB
+    # for a batch of 32 x 1,500 frames on a CPU). Same batch, same loss; only dropout draws differ.
+    step_frames: int = 0
     num_threads: int = 0  # torch threads; 0 = torch's default (with workers > 1: the cores shared out)
     workers: int = 1  # processes training seeds (folds, for a cross-validated protocol) at the same time
     preload_gb: float = 4.0  # load all features into memory when they fit; else read per batch from HDF5
@@ -231,7 +236,10 @@ def check_values(cfg: Config) -> None:
     need(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights, "none or balanced")
     number("train.corr_loss", t.corr_loss, 0)
     number("train.ema", t.ema, 0, high=1)
-    for key in ("max_frames", "num_threads", "preload_gb"):
+    if t.step_frames and t.corr_loss:
+        raise UserError("train.corr_loss scores the correlation over a whole batch, which micro-batches "
+                        "(train.step_frames) do not see at once; use one or the other")
+    for key in ("max_frames", "step_frames", "num_threads", "preload_gb"):
         number(f"train.{key}", getattr(t, key), 0)
 
 

@@ -49,7 +49,8 @@ train: {{runs: {tmp_path / 'runs'}, name: full, epochs: 6, patience: 6, batch_si
     return cfg
 
 
-@pytest.mark.parametrize("overrides", [[], ["train.ema=0.9"]], ids=["weights", "weight-average"])
+@pytest.mark.parametrize("overrides", [[], ["train.ema=0.9"], ["train.step_frames=20"]],
+                         ids=["weights", "weight-average", "micro-batches"])
 def test_interrupted_training_resumes_exactly(toy_run, monkeypatch, overrides):
     cfg = load_config(toy_run, overrides)
     full = train(cfg, progress=False, log=lambda *_: None)
@@ -367,6 +368,59 @@ def test_correlation_loss_adds_one_minus_pearson_r(toy_run):
         train(load_config(toy_run, ["train.corr_loss=0.5"]), progress=False, log=lambda *_: None)
     with pytest.raises(UserError, match="corr_loss"):
         load_config(toy_run, ["train.corr_loss=-1"])
+
+
+@pytest.mark.parametrize("task", ["classification", "multilabel", "regression"])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(task):
+    """train.step_frames: a batch of 7 samples x 12 padded frames under a budget of 36 frames runs as
+    micro-batches of 3, 3 and 1; loss and gradients equal those of the whole batch in one step
+    (dropout off), class weights included. corr_loss, a whole-batch correlation, is refused with it."""
+    import copy
+
+    import torch
+
+    from emofuse.errors import UserError
+    from emofuse.fuse.model import SSEFT, FusionConfig
+    from emofuse.fuse.train import train_step
+
+    dims = {"audio": 6, "text": 5}
+    outputs = {"classification": 4, "multilabel": 2 * 3, "regression": 1}[task]
+    cfg = FusionConfig(modalities=list(dims), input_dims=dims, num_layers_in={}, num_outputs=outputs,
+                       width=16, heads=2, ffn=32, dropout=0.0, attn_dropout=0.0)
+    torch.manual_seed(0)
+    whole = SSEFT(cfg).train()
+    split = copy.deepcopy(whole)
+    g = torch.Generator().manual_seed(1)
+    lengths = {"audio": [12, 9, 12, 5, 11, 12, 7], "text": [4, 6, 3, 6, 2, 5, 6]}
+    feats = {m: torch.randn(7, max(n), dims[m], generator=g) for m, n in lengths.items()}
+    masks = {m: torch.arange(max(n))[None] < torch.tensor(n)[:, None] for m, n in lengths.items()}
+    present = torch.ones(7, 2, dtype=torch.bool)
+    present[2, 1] = False  # one sample without text
+    weights = None
+    if task == "classification":
+        y, weights = torch.tensor([0, 1, 3, 3, 2, 0, 3]), torch.tensor([0.5, 2.0, 1.0, 0.25])
+    elif task == "multilabel":
+        y = torch.randint(0, 2, (7, 3), generator=g)
+    else:
+        y = torch.randn(7, generator=g)
+
+    forwards = []
+    split.register_forward_pre_hook(lambda module, args: forwards.append(len(args[2])))
+    loss_whole = train_step(whole, feats, masks, present, y, task, weights)
+    loss_split = train_step(split, feats, masks, present, y, task, weights, step_frames=36)
+    assert forwards == [3, 3, 1]
+    assert loss_split == pytest.approx(loss_whole, rel=1e-6)
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        if a.grad is None:
+            assert b.grad is None, name
+            continue
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+    forwards.clear()
+    train_step(split, feats, masks, present, y, task, weights, step_frames=7 * 12)  # fits: one step
+    assert forwards == [7]
+    with pytest.raises(UserError, match="step_frames"):
+        load_config(None, ["train.step_frames=100", "train.corr_loss=0.5"])
 
 
 def test_weight_average_is_what_is_validated_and_kept(toy_run):

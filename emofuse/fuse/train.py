@@ -110,6 +110,39 @@ def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor, class_weights: torch.
     return loss
 
 
+def train_step(model: SSEFT, feats: dict, masks: dict, present: torch.Tensor, y: torch.Tensor, task: str,
+               class_weights: torch.Tensor | None = None, corr_weight: float = 0.0, step_frames: int = 0) -> float:
+    """Forward and backward of one batch, leaving its gradients in the model; returns its loss.
+
+    With step_frames, a batch of more padded frames than that (batch size x its longest sequence)
+    runs as micro-batches of at most step_frames. Each micro-batch's summed loss is divided by the
+    count of the whole batch (its size, or its total class weight), so the gradients add up to those
+    of the whole batch's mean loss: peak memory is that of a micro-batch. (corr_loss, a correlation
+    over the whole batch, is refused with step_frames by config.check_values.)"""
+    per_step = max(1, step_frames // max(f.shape[1] for f in feats.values())) if step_frames else len(y)
+    if per_step >= len(y):
+        loss = loss_fn(task, model(feats, masks, present), y, class_weights, corr_weight)
+        loss.backward()
+        return loss.item()
+    if task == "classification":
+        count = class_weights[y].sum() if class_weights is not None else len(y)
+        summed = lambda out, y: F.cross_entropy(out, y, weight=class_weights, reduction="sum")  # noqa: E731
+    elif task == "multilabel":
+        count = y.numel()
+        summed = lambda out, y: F.cross_entropy(out.reshape(-1, 2), y.reshape(-1), reduction="sum")  # noqa: E731
+    else:
+        count = len(y)
+        summed = lambda out, y: F.l1_loss(out.squeeze(-1), y, reduction="sum")  # noqa: E731
+    total = 0.0
+    for start in range(0, len(y), per_step):
+        part = slice(start, start + per_step)
+        out = model({m: f[part] for m, f in feats.items()}, {m: k[part] for m, k in masks.items()}, present[part])
+        loss = summed(out, y[part]) / count
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Pearson correlation of two 1-D tensors, differentiable (0 when either is constant)."""
     a, b = a - a.mean(), b - b.mean()
@@ -333,15 +366,14 @@ def fit(cfg: Config, data: CachedData, run_dir: Path, seed: int, progress: bool 
                                              leave=False, disable=not progress):
             present = drop_modalities(present, t.modality_dropout, gen)
             feats = augment(feats, masks, t.feature_noise, t.time_mask, gen)
-            loss = loss_fn(p.task, model(feats, masks, present), y, class_weights, t.corr_loss)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.append(train_step(model, feats, masks, present, y, p.task, class_weights, t.corr_loss,
+                                     t.step_frames))
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             sched.step()
             if average is not None:
                 average.update(model)
-            losses.append(loss.item())
         # the model that is validated and kept: the weights as trained, or their average
         with average.swapped_into(model) if average is not None else contextlib.nullcontext():
             dev = evaluate_split(model, data, dev_ids, targets, normalizer, t.max_frames)
