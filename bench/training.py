@@ -45,6 +45,9 @@ RATES = {"audio": 50.0, "video": 10.0}
 CONFIGS = {
     # name: FusionConfig overrides (the rest are FusionConfig's defaults = the config's model defaults)
     "paper": {"preset": "paper"},
+    # the same model with `train.step_frames: 1500`: a batch longer than 1,500 padded frames runs as
+    # micro-batches whose gradients add up to the batch's (one 30 s clip at a time at the longest)
+    "paper-micro": {"preset": "paper"},
     "fast": {"preset": "fast"},
     # the `fast` preset before 2026-11-26 (2 self + 2 cross layers, no pooling, attention dropout)
     "fast-deep": {"preset": "fast", "self_layers": {"audio": 2, "text": 0, "video": 2}, "cross_layers": 2,
@@ -55,10 +58,11 @@ CONFIGS = {
 }
 # per configuration (full run): seconds of measured steps (at least MIN_STEPS), warm-up steps (the
 # first is the epoch's longest batch), batches whose FLOPs are counted
-SECONDS = {"paper": 30.0, "fast": 35.0, "fast-deep": 25.0, "demo-model": 20.0}
-MIN_STEPS = {"paper": 2, "fast": 3, "fast-deep": 3, "demo-model": 5}
-WARMUP = {"paper": 1, "fast": 2, "fast-deep": 2, "demo-model": 2}
-FLOP_BATCHES = {"paper": 1, "fast": 2, "fast-deep": 2, "demo-model": 3}
+SECONDS = {"paper": 30.0, "paper-micro": 30.0, "fast": 35.0, "fast-deep": 25.0, "demo-model": 20.0}
+MIN_STEPS = {"paper": 2, "paper-micro": 2, "fast": 3, "fast-deep": 3, "demo-model": 5}
+WARMUP = {"paper": 1, "paper-micro": 1, "fast": 2, "fast-deep": 2, "demo-model": 2}
+FLOP_BATCHES = {"paper": 1, "paper-micro": 1, "fast": 2, "fast-deep": 2, "demo-model": 3}
+STEP_FRAMES = {"paper-micro": 1500}  # train.step_frames per configuration (0: the whole batch at once)
 
 
 # ------------------------------------------------------------------------------------- the cache
@@ -136,7 +140,7 @@ def worker(args) -> dict:
     from emofuse.extract.encoders.hf import precision
     from emofuse.fuse.data import CachedData, Normalizer, collate, make_batches, prefetched
     from emofuse.fuse.model import MODALITIES, SSEFT, FusionConfig
-    from emofuse.fuse.train import adamw
+    from emofuse.fuse.train import adamw, train_step
 
     device = args.device
     if device == "cpu":  # `auto`: probed here, just before this configuration is measured
@@ -200,11 +204,19 @@ def worker(args) -> dict:
         # which re-plans for every new sequence length (bench/results/gpu_sdpa_check.txt)
         return precision(torch.bfloat16, device) if args.bf16 else contextlib.nullcontext()
 
-    def step(feats, masks, present, y):
-        with lower_precision():
-            loss = F.l1_loss(model(feats, masks, present).squeeze(-1).float(), y)
+    step_frames = STEP_FRAMES.get(args.worker, 0)
+    out["step_frames"] = step_frames
+
+    def step(feats, masks, present, y) -> float:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if step_frames:  # micro-batches, through the training loop's own step (L1 as below)
+            with lower_precision():
+                loss = train_step(model, feats, masks, present, y, "regression", step_frames=step_frames)
+        else:
+            with lower_precision():
+                loss = F.l1_loss(model(feats, masks, present).squeeze(-1).float(), y)
+            loss.backward()
+            loss = loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return loss
@@ -235,8 +247,7 @@ def worker(args) -> dict:
                             "masks": {m: tuple(v.shape) for m, v in b[1].items()}, "present": tuple(b[2].shape)})
         sync()
         t1 = time.perf_counter()
-        loss = step(*b)
-        loss.item()
+        loss = step(*b)  # a float: the step has finished
         sync()
         t2 = time.perf_counter()
         data_s += t1 - t0
@@ -251,7 +262,7 @@ def worker(args) -> dict:
     out.update(steps=len(measured), samples=samples, seconds=wall, data_seconds=data_s, compute_seconds=compute_s,
                samples_per_s=samples / wall, data_wait_fraction=data_s / (data_s + compute_s),
                epoch_utterances=len(ids), epoch_seconds_extrapolated=len(ids) * wall / samples,
-               steps_per_epoch=len(batches), final_loss=float(loss.item()))
+               steps_per_epoch=len(batches), final_loss=loss)
     out["rss_peak"] = common.peak_rss_bytes()  # the training phase only (warm-up included)
     out["rss_end"] = proc.memory_info().rss
     if device != "cpu":

@@ -82,8 +82,8 @@ class TrainConfig:
     max_frames: int = 0  # 0 = keep all frames; else evenly subsample longer sequences (train and test alike)
     # > 0: a training batch holding more padded frames than this (batch size x its longest cached
     # sequence) runs forward and backward as micro-batches of at most this many, whose gradients add
-    # up to the whole batch's; it bounds training memory (the `paper` preset on 30 s clips: 7.1 GiB
-    # for a batch of 32 x 1,500 frames on a CPU). Same batch, same loss; only dropout draws differ.
+    # up to the whole batch's; it bounds training memory (the `paper` preset on 30 s clips on a CPU:
+    # 6.5 GiB, 2.1 GiB with 1500). Same batch, same loss; only dropout draws differ.
     step_frames: int = 0
     num_threads: int = 0  # torch threads; 0 = torch's default (with workers > 1: the cores shared out)
     workers: int = 1  # processes training seeds (folds, for a cross-validated protocol) at the same time
