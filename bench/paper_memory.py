@@ -5,13 +5,13 @@ stays at 0.66 GiB. This script trains two steps of the `paper` SSEFT on that epo
 alone (32 utterances of 30 s: 1,500 wav2vec frames of 512-d, 300 FabNet frames of 256-d, 100
 RoBERTa-large tokens of 1024-d; random values, no cache), each setting in its own process so that
 each peak RSS is its own: the preset as it is, without attention dropout, and with the batch run
-as micro-batches of 8 and of 4 (`train.step_frames` 12,000 and 6,000: the same gradient, a
-micro-batch's activations at a time). A last measurement
-is one (32, 4 heads, 1500, 128) attention with backward, with and without dropout: on a CPU,
+as micro-batches of 8, 4, 2 and 1 (`train.step_frames` 12,000 to 1,500: the same gradient, a
+micro-batch's activations at a time). A last measurement is one (32, 4 heads, 1500, 128)
+attention with backward, with and without dropout: on a CPU,
 scaled_dot_product_attention with dropout falls back to the kernel that materialises the
 (batch, heads, T, T) probabilities.
 
-    python bench/paper_memory.py          # ~1 min; results/paper_memory.json
+    python bench/paper_memory.py          # ~3.5 min; results/paper_memory.json
 """
 
 from __future__ import annotations

@@ -209,14 +209,8 @@ def worker(args) -> dict:
 
     def step(feats, masks, present, y) -> float:
         opt.zero_grad(set_to_none=True)
-        if step_frames:  # micro-batches, through the training loop's own step (L1 as below)
-            with lower_precision():
-                loss = train_step(model, feats, masks, present, y, "regression", step_frames=step_frames)
-        else:
-            with lower_precision():
-                loss = F.l1_loss(model(feats, masks, present).squeeze(-1).float(), y)
-            loss.backward()
-            loss = loss.item()
+        with lower_precision():  # the training loop's own step: L1 loss, micro-batches under step_frames
+            loss = train_step(model, feats, masks, present, y, "regression", step_frames=step_frames)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return loss

@@ -124,6 +124,8 @@ def train_step(model: SSEFT, feats: dict, masks: dict, present: torch.Tensor, y:
         loss = loss_fn(task, model(feats, masks, present), y, class_weights, corr_weight)
         loss.backward()
         return loss.item()
+    # loss_fn's mean written as a sum over the whole batch's count (loss_fn stays the whole-batch
+    # path, so runs without micro-batches give the numbers they gave before)
     if task == "classification":
         count = class_weights[y].sum() if class_weights is not None else len(y)
         summed = lambda out, y: F.cross_entropy(out, y, weight=class_weights, reduction="sum")  # noqa: E731
