@@ -431,7 +431,7 @@ def test_hf_audio(tiny, tmp_path, variant):
     assert spec["checkpoint_sha256"] == {"model.safetensors": file_sha256(f"{tiny[variant]}/model.safetensors")}
     assert spec["sample_rate"] == 16000 and spec["layer"] == -1 and spec["dtype"] == "float32"
     assert "padding" not in spec  # audio's padding did not change
-    assert spec["feature_encoder"] == "channels-last-matmul"
+    assert spec["feature_encoder"] == "channels-last-matmul, tiles of 256 frames"
 
 
 def test_hf_audio_layers_and_chunking(tiny, tmp_path):
@@ -614,7 +614,7 @@ def audio_models():
 def test_channels_last_feature_encoder_equals_transformers():
     """Every conv as one matmul, channels last, and the first layer's GroupNorm folded into it,
     equal transformers' convolutions in float32 (a batch of two, with a DC offset in one input so
-    that the norm's mean matters). In bf16 it is no further from float32 than transformers' own
+    that the norm's mean matters), whole or in tiles of a few frames. In bf16 it is no further from float32 than transformers' own
     forward under autocast."""
     from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, use_channels_last_feature_encoder
     from emofuse.extract.encoders.hf import precast_for_autocast
@@ -630,6 +630,9 @@ def test_channels_last_feature_encoder_equals_transformers():
             got = model.feature_extractor(x)
             assert got.shape == ref.shape and got.dtype == torch.float32
             assert maxdiff(got.numpy(), ref.numpy()) < TOL, name
+            # in tiles of 5 of its 34 frames (the last one shorter): the same frames
+            tiled = ChannelsLastFeatureEncoder(original, tile_frames=5)(x)
+            assert maxdiff(tiled.numpy(), ref.numpy()) < TOL, name
 
             precast_for_autocast(model, torch.bfloat16)
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -349,7 +349,7 @@ class HFEncoder(Encoder):
         # Part of the spec: features agree with transformers' convs within float rounding, not
         # bit for bit, so stores written one way are not resumed the other.
         swapped = use_channels_last_feature_encoder(self.model)
-        self.feature_encoder = "channels-last-matmul" if swapped else "transformers"
+        self.feature_encoder = self.model.feature_extractor.name if swapped else "transformers"
         # A GroupNorm feature encoder takes padded batches only in our version, which normalises
         # each input over its own samples (valid_samples in _forward_padded).
         self.masked = swapped or getattr(self.config, "feat_extract_norm", "layer") == "layer"
