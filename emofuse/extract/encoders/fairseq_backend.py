@@ -41,8 +41,9 @@ from emofuse.corpora.base import Utterance
 from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import file_sha256, register
 from emofuse.extract.encoders.chunking import conv_output_length
+from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, supported_layer
 from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
-from emofuse.extract.encoders.hf import TEXT_PADDING, HFEncoder, pick_device, precision
+from emofuse.extract.encoders.hf import TEXT_PADDING, HFEncoder, pick_device, precision, prepare_frozen
 from emofuse.extract.media import load_audio
 
 INSTALL_HINT = "pip install emofuse[fairseq] (see README)"
@@ -190,6 +191,44 @@ def model_class(name: str | None, path):
     return model_cls
 
 
+class FairseqConvLayer(torch.nn.Module):
+    """One block of fairseq's wav2vec 2.0 / HuBERT ConvFeatureExtractionModel under the names of
+    transformers' conv layers (conv, layer_norm, activation), which ChannelsLastFeatureEncoder reads."""
+
+    def __init__(self, conv: torch.nn.Conv1d, norm: torch.nn.Module | None, activation: torch.nn.Module):
+        super().__init__()
+        self.conv, self.activation = conv, activation
+        if norm is not None:
+            self.layer_norm = norm
+
+
+def channels_last_feature_encoder(extractor: torch.nn.Module) -> ChannelsLastFeatureEncoder | None:
+    """fairseq's conv feature encoder as a ChannelsLastFeatureEncoder (conv_features.py: the same
+    convolutions as matmuls, channels last, in tiles), or None where a block is not one it computes.
+    fairseq's blocks are Sequential(conv, dropout, [norm], GELU), the norm a Fp32GroupNorm or
+    Sequential(TransposeLast, Fp32LayerNorm, TransposeLast); Fp32LayerNorm on a (T, C) tile normalises
+    the same channels in float32, as it does in fairseq."""
+    layers = []
+    for block in getattr(extractor, "conv_layers", []):
+        parts = list(block) if isinstance(block, torch.nn.Sequential) else []
+        if len(parts) not in (3, 4) or not isinstance(parts[1], torch.nn.Dropout) or type(parts[-1]) is not torch.nn.GELU:
+            return None
+        norm = None
+        if len(parts) == 4:
+            norm = parts[2]
+            if isinstance(norm, torch.nn.Sequential):  # LayerNorm over channels, between two transposes
+                names = [type(m).__name__ for m in norm]
+                if names[::2] != ["TransposeLast", "TransposeLast"] or not isinstance(norm[1], torch.nn.LayerNorm):
+                    return None
+                norm = norm[1]
+        layers.append(FairseqConvLayer(parts[0], norm, parts[-1]))
+    if not layers or not all(supported_layer(layer) for layer in layers):
+        return None
+    convs = torch.nn.Module()
+    convs.conv_layers = torch.nn.ModuleList(layers)
+    return ChannelsLastFeatureEncoder(convs)
+
+
 @register("fairseq")
 class FairseqEncoder(HFEncoder):
     """Reuses HFEncoder's windowing (encode, _spans, _window_input, _stitch, _forward); loading,
@@ -252,6 +291,9 @@ class FairseqEncoder(HFEncoder):
             overrides["label_dir"] = str(folder)  # HuBERT: dict.<label>.txt beside the checkpoint, if not in it
         self.model, self.cfg, self.task = build_fairseq_model(state, checkpoint, overrides, trust_checkpoint)
         self.model.eval().requires_grad_(False).to(self.device)
+        # As for the hf backend: in bf16 on a CPU fairseq's own forward ran slower than its float32
+        # (weights recast on every call, channels-first convs; bench/README.md, "fairseq backend in bf16")
+        self.linear_kernel = prepare_frozen(self.model, AUTOCAST[dtype], self.device)
         self.kind = type(self.model).__name__  # Wav2VecModel | Wav2Vec2Model | HubertModel | RobertaModel
         if is_text:
             self._init_text_model(max_tokens, overlap)
@@ -318,6 +360,19 @@ class FairseqEncoder(HFEncoder):
             # matches the conv arithmetic; group norm sees the padding, and HuBERT marks a frame as
             # padding only when all its samples are.
             self.masked = self.kind == "Wav2Vec2Model" and self.cfg.model.get("extractor_mode") == "layer_norm"
+        self.feature_encoder = "fairseq"
+        if AUTOCAST[self.dtype] is not None and self.kind != "Wav2VecModel":  # float32 keeps fairseq's path
+            channels_last = channels_last_feature_encoder(self.model.feature_extractor)
+            if channels_last is not None:
+                self.model.feature_extractor = channels_last
+                self.feature_encoder = channels_last.name
+            # fairseq hands its first layer a (T, B, C) transpose of a (B, T, C) tensor. Under
+            # autocast a Linear on that layout cannot fold it into one matrix without a copy, so
+            # torch.matmul runs a batched matmul over T with the weight copied T times: three copies
+            # of 470 MB in the forward of three 8 s clips at wav2vec2-base size, half the time of
+            # that bf16 forward. A contiguous copy of the input (2 MB) instead. (float32 showed no
+            # such cost, and keeps fairseq's exact path.)
+            self.model.encoder.layers[0].register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
         self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
         self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
         if not 0 <= self.window_overlap < self.window:
@@ -353,6 +408,10 @@ class FairseqEncoder(HFEncoder):
         else:
             spec.update(sample_rate=self.sample_rate, normalize=self.normalize,
                         chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds)
+        if self.dtype != "float32":  # float32 stores keep the spec they always had
+            spec["linear_kernel"] = self.linear_kernel
+            if self.modality == "audio":
+                spec["feature_encoder"] = self.feature_encoder
         return spec
 
     def prepare(self, utt: Utterance) -> np.ndarray:

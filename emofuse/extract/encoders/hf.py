@@ -196,6 +196,20 @@ def pack_linears(model: torch.nn.Module) -> int:
     return packed
 
 
+def prepare_frozen(model: torch.nn.Module, autocast_dtype, device: str) -> str:
+    """Make a frozen model cheaper to run, in place: weight norm computed once, weights stored in
+    the autocast dtype, bf16 Linear weights packed for oneDNN on a CPU. Only the packing changes
+    the outputs (by bf16 rounding). Returns which kernel the Linear layers run, for the spec."""
+    freeze_weight_norm(model)
+    if autocast_dtype is None:
+        return "aten"
+    precast_for_autocast(model, autocast_dtype)
+    if device == "cpu" and autocast_dtype == torch.bfloat16 and onednn_packing_works():
+        pack_linears(model)
+        return "onednn-packed"
+    return "aten"
+
+
 def precision(autocast_dtype, device: str):
     """The numeric context of a frozen forward: exact float32, or autocast to a lower precision."""
     if autocast_dtype is None:
@@ -279,14 +293,9 @@ class HFEncoder(Encoder):
         except (OSError, ValueError) as e:
             raise UserError(f"hf encoder: cannot load the model in {folder}: {e}") from None
         self.model.eval().to(self.device)
-        freeze_weight_norm(self.model)
         self.model.requires_grad_(False)
-        self.linear_kernel = "aten"  # which matmul kernel the Linear layers run: part of a bf16 spec
-        if DTYPES[dtype] is not None:
-            precast_for_autocast(self.model, DTYPES[dtype])
-            if self.device == "cpu" and DTYPES[dtype] == torch.bfloat16 and onednn_packing_works():
-                pack_linears(self.model)
-                self.linear_kernel = "onednn-packed"
+        # which matmul kernel the Linear layers run: part of a bf16 spec
+        self.linear_kernel = prepare_frozen(self.model, DTYPES[dtype], self.device)
 
         if self.modality == "text":
             self._init_text(folder, max_tokens, overlap)
