@@ -381,7 +381,7 @@ class FairseqEncoder(HFEncoder):
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
 
     def _probe_dim(self) -> int:
-        with torch.inference_mode():
+        with torch.inference_mode(), precision(AUTOCAST[self.dtype], self.device):  # weights may be cast already
             x = torch.zeros(1, max(self.kernels) * self.hop, device=self.device)
             return int(self.model.feature_aggregator(self.model.feature_extractor(x)).shape[1])
 
