@@ -7,9 +7,11 @@ reorders the 512 x T activations around every call. With bf16 weights that made 
 activations stay (T, C) from the waveform to the last conv; a convolution with kernel k and
 stride s is ceil(k/s) matmuls over strided views of its input (strided_conv), the first layer's
 GroupNorm is folded into its conv (channel_norm), and each input runs in tiles of output frames
-so that its activations stay in the CPU's cache (ChannelsLastFeatureEncoder). On 2 CPU cores this made the
-feature encoder of wav2vec2-base ~3x faster in bf16 (see bench/README.md); in float32 it agrees
-with transformers' own forward within float rounding (tests/test_encoders.py).
+so that its activations stay in the CPU's cache (ChannelsLastFeatureEncoder). On 2 CPU cores
+this made the feature encoder of wav2vec2-base ~3x faster in bf16 (see bench/README.md); in
+float32 it agrees with transformers' own forward within float rounding (tests/test_encoders.py).
+The fairseq backend runs fairseq's wav2vec 2.0 / HuBERT conv blocks through it too
+(fairseq_backend.FairseqConvLayer).
 
 The conv weights are copied once into the matmul layout (k*C_in, C_out), in their dtype at the
 time of the swap (hf.py swaps after casting them for autocast); transformers' module is kept for
