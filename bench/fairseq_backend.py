@@ -1,0 +1,112 @@
+"""The fairseq backend's forward on a CPU, bf16 and float32, next to fairseq's own forward under autocast.
+
+The paper's checkpoints load through emofuse's `fairseq` backend. This times one forward of the
+same batch (three 8 s clips: a group-norm wav2vec 2.0 only batches inputs of one length) through:
+  - fairseq's own forward under bf16 autocast (what the backend ran before it prepared the model:
+    weights recast on every call, fairseq's convs, its first layer fed a (T, B, C) transpose);
+  - the backend in bf16 now (weights cast once and packed, emofuse's channels-last conv encoder,
+    a contiguous first-layer input) and in float32 (fairseq's exact path);
+  - the `hf` backend at the same size in bf16, for reference;
+and wav2vec 1.0 at the size of the paper's wav2vec_large.pt in float32 and bf16. Random weights in
+checkpoints saved as fairseq loads them (the FLOPs are the real models'). Needs the fairseq extra
+(`make setup-fairseq`); not part of `make bench` (~2 min). Results: results/fairseq_backend.json.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repository on sys.path)
+
+NAME = "fairseq_backend"
+
+
+def fairseq_checkpoint(path: Path, arch: str, **model_cfg) -> Path:
+    """A random-weight fairseq model saved with the entries fairseq's loader reads."""
+    import torch
+    from fairseq.models import MODEL_DATACLASS_REGISTRY, MODEL_REGISTRY
+
+    torch.manual_seed(0)
+    model = MODEL_REGISTRY[arch](MODEL_DATACLASS_REGISTRY[arch](**model_cfg))
+    cfg = {"model": {"_name": arch, **model_cfg}, "task": {"_name": "audio_pretraining", "data": str(path.parent)}}
+    history = [{"criterion_name": "Wav2vecCriterion", "optimizer_name": "FairseqAdam", "lr_scheduler_state": {},
+                "num_updates": 0}]
+    torch.save({"args": None, "cfg": cfg, "model": model.state_dict(), "optimizer_history": history,
+                "extra_state": {"train_iterator": {"epoch": 1}}}, path)
+    return path
+
+
+def seconds_per_forward(encoder, clips, repeats: int) -> float:
+    encoder._forward(clips)  # warm-up: oneDNN primitives for these shapes
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encoder._forward(clips)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = common.parser(__doc__)
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per row (median)")
+    args = p.parse_args(argv)
+    import numpy as np
+
+    from emofuse.extract.encoders.fairseq_backend import FairseqEncoder, import_fairseq
+    from emofuse.extract.encoders.hf import HFEncoder
+
+    import_fairseq()  # a clear message when the extra is missing
+    threads = common.setup_threads(args.threads)
+    seconds = 2.0 if args.quick else 8.0
+    repeats = 1 if args.quick else args.repeats
+    clips = [np.random.default_rng(i).standard_normal(int(16000 * seconds)).astype(np.float32) for i in range(3)]
+    audio = 3 * seconds
+
+    rows = []
+
+    def row(model: str, path: str, dtype: str, encoder, note: str = "") -> None:
+        s = seconds_per_forward(encoder, clips, repeats)
+        rows.append({"model": model, "path": path, "dtype": dtype, "seconds": s, "audio_per_s": audio / s,
+                     "feature_encoder": getattr(encoder, "feature_encoder", ""), "note": note})
+        common.log(f"[{NAME}] {model}, {path}, {dtype}: {s:.3f} s per forward ({audio / s:.1f} s of audio per s)")
+
+    with common.temp_dir(args.tmp, NAME) as tmp:
+        w2v2 = str(fairseq_checkpoint(tmp / "wav2vec2_base.pt", "wav2vec2"))
+        before = FairseqEncoder(w2v2, dtype="float32", device="cpu")
+        before.dtype = "bfloat16"  # fairseq's own model, run under the autocast of a bf16 spec
+        row("wav2vec 2.0 base", "fairseq's forward under autocast (before)", "bfloat16", before)
+        del before
+        row("wav2vec 2.0 base", "emofuse fairseq backend", "bfloat16", FairseqEncoder(w2v2, dtype="bfloat16", device="cpu"))
+        row("wav2vec 2.0 base", "emofuse fairseq backend", "float32", FairseqEncoder(w2v2, dtype="float32", device="cpu"))
+        hf = common.make_wav2vec2(tmp / "hf_wav2vec2_base")
+        row("wav2vec 2.0 base", "emofuse hf backend", "bfloat16", HFEncoder(str(hf), dtype="bfloat16", device="cpu"))
+
+        # the paper's wav2vec_large.pt: 7 feature convs and 12 aggregator convs of 512 channels
+        large = dict(conv_feature_layers="[(512, 10, 5), (512, 8, 4)] + [(512, 4, 2)] * 3 + [(512, 1, 1)] * 2",
+                     conv_aggregator_layers="[" + ", ".join(f"(512, {k}, 1)" for k in range(2, 14)) + "]",
+                     skip_connections_agg=True, residual_scale=0.5, log_compression=True, prediction_steps=12,
+                     infonce=False)  # a criterion setting the config would otherwise look up
+        w2v1 = str(fairseq_checkpoint(tmp / "wav2vec_large.pt", "wav2vec", **large))
+        for dtype in ("float32", "bfloat16"):
+            row("wav2vec 1.0 large", "emofuse fairseq backend", dtype, FairseqEncoder(w2v1, dtype=dtype, device="cpu"))
+
+    first = rows[0]["seconds"]
+    for r in rows[:4]:
+        r["speedup_vs_before"] = first / r["seconds"]
+    print(common.table(
+        [[r["model"], r["path"], r["dtype"], f"{r['seconds']:.3f}", f"{r['audio_per_s']:.1f}",
+          f"{r['speedup_vs_before']:.2f}x" if "speedup_vs_before" in r else "-"] for r in rows],
+        ["model", "path", "dtype", "s per forward", "audio s/s", "vs before"],
+        f"fairseq backend on the CPU ({threads['threads']} threads; three {seconds:.0f} s clips per forward)"))
+    result = {"benchmark": NAME, "machine": common.machine(), "quick": args.quick, "threads": threads,
+              "clips": 3, "clip_seconds": seconds, "repeats": repeats, "rows": rows}
+    common.log(f"wrote {common.write_result(NAME, result, args.out)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
