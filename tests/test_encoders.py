@@ -614,8 +614,8 @@ def audio_models():
 def test_channels_last_feature_encoder_equals_transformers():
     """Every conv as one matmul, channels last, and the first layer's GroupNorm folded into it,
     equal transformers' convolutions in float32 (a batch of two, with a DC offset in one input so
-    that the norm's mean matters), whole or in tiles of a few frames. In bf16 it is no further from float32 than transformers' own
-    forward under autocast."""
+    that the norm's mean matters), whole or in tiles of a few frames. In bf16 it is no further
+    from float32 than transformers' own forward under autocast."""
     from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, use_channels_last_feature_encoder
     from emofuse.extract.encoders.hf import precast_for_autocast
 
