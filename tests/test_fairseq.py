@@ -322,16 +322,17 @@ def test_every_layer_equals_fairseq(ckpt, tmp_path, name):
 
 @pytest.mark.parametrize("name", AUDIO)
 def test_bf16_is_as_close_to_float32_as_fairseqs_own_autocast(ckpt, tmp_path, name):
-    """In bf16 the backend runs fairseq's convs channels last in tiles (conv_features.py; not
-    wav2vec 1.0's, whose GroupNorm pools all channels), its weights cast once (and packed for
-    oneDNN where the CPU can), and its first layer on a contiguous input. Every hidden state stays
+    """In bf16 the backend runs fairseq's convs channels last (conv_features.py; wav2vec 1.0's whole,
+    as its GroupNorms pool each layer's whole output: Wav2vec1Features), its weights cast once (and
+    packed for oneDNN where the CPU can), and its first layer on a contiguous input. Every hidden state stays
     about as close to fairseq's float32 forward as fairseq's own forward under autocast (bf16
     rounding either way: ~1-3% relative error here); float32 stores keep their spec."""
     ref_model = fairseq_load(ckpt[name])
     layer = -1 if name == "wav2vec1" else "all"
     enc = build_encoder("audio", {"backend": "fairseq", "path": ckpt[name], "layer": layer, "dtype": "bfloat16"})
     spec = enc.full_spec()
-    assert spec["feature_encoder"] == ("fairseq" if name == "wav2vec1" else "channels-last-matmul, tiles of 256 frames")
+    tiled = "channels-last-matmul, tiles of 256 frames"
+    assert spec["feature_encoder"] == ("channels-last-matmul, whole" if name == "wav2vec1" else tiled)
     assert spec["linear_kernel"] == enc.linear_kernel
     f32_spec = build_encoder("audio", {"backend": "fairseq", "path": ckpt[name]}).full_spec()
     assert "feature_encoder" not in f32_spec and "linear_kernel" not in f32_spec

@@ -41,7 +41,7 @@ from emofuse.corpora.base import Utterance
 from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import file_sha256, register
 from emofuse.extract.encoders.chunking import conv_output_length
-from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, supported_layer
+from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, flat_weight, strided_conv, supported_layer
 from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
 from emofuse.extract.encoders.hf import TEXT_PADDING, HFEncoder, pick_device, precision, prepare_frozen
 from emofuse.extract.media import load_audio
@@ -229,6 +229,57 @@ def channels_last_feature_encoder(extractor: torch.nn.Module) -> ChannelsLastFea
     return ChannelsLastFeatureEncoder(convs)
 
 
+class Wav2vec1Features(torch.nn.Module):
+    """wav2vec 1.0's conv feature extractor (fairseq's wav2vec.ConvFeatureExtractionModel), channels
+    last: (B, samples) -> (B, C, frames). Each conv is matmuls over strided views (strided_conv), as
+    in conv_features.py; each GroupNorm(1, C) takes one mean and variance of the layer's whole
+    (T, C) output in float64 and is applied as a per-channel multiply-add in float32, rounded once
+    as fairseq's Fp32GroupNorm rounds. fairseq's own convs run channels first through oneDNN, which
+    reordered the 512 x 3,200-per-second activations around every layer in bf16 (bench/README.md,
+    "fairseq backend in bf16"). Not tiled: a layer's norm needs all of its output first."""
+
+    name = "channels-last-matmul, whole"  # for the spec
+
+    def __init__(self, extractor: torch.nn.Module):
+        super().__init__()
+        self.fe = extractor
+        self.flat_weights = [flat_weight(block[0]) for block in extractor.conv_layers]
+
+    @classmethod
+    def of(cls, extractor: torch.nn.Module) -> Wav2vec1Features | None:
+        """The channels-last version of a released model's extractor: blocks Sequential(conv without
+        bias, dropout, affine GroupNorm(1, C), ReLU), no skip connections; else None."""
+        blocks = getattr(extractor, "conv_layers", None)
+        if not blocks or getattr(extractor, "skip_connections", True):
+            return None
+        for block in blocks:
+            parts = list(block) if isinstance(block, torch.nn.Sequential) else []
+            if (len(parts) != 4 or not isinstance(parts[0], torch.nn.Conv1d) or parts[0].bias is not None
+                    or parts[0].groups != 1 or parts[0].padding != (0,) or parts[0].dilation != (1,)
+                    or not isinstance(parts[1], torch.nn.Dropout) or not isinstance(parts[2], torch.nn.GroupNorm)
+                    or parts[2].num_groups != 1 or not parts[2].affine or type(parts[3]) is not torch.nn.ReLU):
+                return None
+        return cls(extractor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.one(x_b) for x_b in x]).transpose(1, 2)
+
+    def one(self, x: torch.Tensor) -> torch.Tensor:
+        h = x[:, None]  # (samples, 1)
+        for block, w in zip(self.fe.conv_layers, self.flat_weights):
+            conv, norm = block[0], block[2]
+            h = strided_conv(h[None], conv, w)[0]
+            n = h.numel()
+            mean = h.sum(dtype=torch.float64) / n
+            var = torch.linalg.vector_norm(h, dtype=torch.float64) ** 2 / n - mean**2
+            scale = torch.rsqrt(var + norm.eps).float() * norm.weight.float()
+            shift = norm.bias.float() - mean.float() * scale
+            h = torch.relu_(torch.addcmul(shift, h, scale).to(h.dtype))
+        if self.fe.log_compression:
+            h = h.abs_().add_(1).log_()
+        return h
+
+
 @register("fairseq")
 class FairseqEncoder(HFEncoder):
     """Reuses HFEncoder's windowing (encode, _spans, _window_input, _stitch, _forward); loading,
@@ -361,11 +412,13 @@ class FairseqEncoder(HFEncoder):
             # padding only when all its samples are.
             self.masked = self.kind == "Wav2Vec2Model" and self.cfg.model.get("extractor_mode") == "layer_norm"
         self.feature_encoder = "fairseq"
-        if AUTOCAST[self.dtype] is not None and self.kind != "Wav2VecModel":  # float32 keeps fairseq's path
-            channels_last = channels_last_feature_encoder(self.model.feature_extractor)
+        if AUTOCAST[self.dtype] is not None:  # float32 keeps fairseq's exact path
+            fe = self.model.feature_extractor
+            channels_last = Wav2vec1Features.of(fe) if self.kind == "Wav2VecModel" else channels_last_feature_encoder(fe)
             if channels_last is not None:
                 self.model.feature_extractor = channels_last
                 self.feature_encoder = channels_last.name
+        if AUTOCAST[self.dtype] is not None and self.kind != "Wav2VecModel":
             # fairseq hands its first layer a (T, B, C) transpose of a (B, T, C) tensor. Under
             # autocast a Linear on that layout cannot fold it into one matrix without a copy, so
             # torch.matmul runs a batched matmul over T with the weight copied T times: three copies
