@@ -105,7 +105,7 @@ class ChannelsLastFeatureEncoder(nn.Module):
     def conv(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Conv layer i (with its LayerNorm, if any) of a channels-last span x (T, C_in)."""
         layer = self.hf.conv_layers[i]
-        x = strided_conv(x[None], layer.conv, self.flat_weights[i])[0]
+        x = strided_conv(x, layer.conv, self.flat_weights[i])
         norm = getattr(layer, "layer_norm", None)
         return x if norm is None else norm(x)  # LayerNorm over channels: the last dimension here
 
@@ -159,7 +159,7 @@ def flat_weight(conv: nn.Conv1d) -> torch.Tensor:
 
 
 def strided_conv(x: torch.Tensor, conv: nn.Conv1d, w: torch.Tensor) -> torch.Tensor:
-    """conv(x) for channels-last x (B, T, C_in) -> (B, T_out, C_out), in the dtype of w, the
+    """conv(x) for one channels-last input x (T, C_in) -> (T_out, C_out), in the dtype of w, the
     conv's flat_weight().
 
     The windows overlap (k > s), so one matmul over windows() would make the BLAS copy them out
@@ -169,21 +169,20 @@ def strided_conv(x: torch.Tensor, conv: nn.Conv1d, w: torch.Tensor) -> torch.Ten
     of frames @ weight rows (2 matmuls for wav2vec2's k=3, s=2 and k=2, s=2: 1)."""
     k, s = conv.kernel_size[0], conv.stride[0]
     x = x.to(w.dtype).contiguous()
-    batch, t, c_in = x.shape
+    t, c_in = x.shape
     t_out = (t - k) // s + 1
-    out = torch.empty(batch, t_out, w.shape[1], dtype=w.dtype, device=x.device)
-    for x_b, out_b in zip(x, out):  # one matmul per input: the batch stride breaks the regular rows
-        for j in range(0, k, s):
-            taps = min(s, k - j)  # the last group may hold fewer than s taps
-            frames = x_b.as_strided((t_out, taps * c_in), (s * c_in, 1), x_b.storage_offset() + j * c_in)
-            rows = w[j * c_in : (j + taps) * c_in]
-            if j == 0:
-                if conv.bias is None:
-                    torch.mm(frames, rows, out=out_b)
-                else:
-                    torch.addmm(conv.bias, frames, rows, out=out_b)
+    out = torch.empty(t_out, w.shape[1], dtype=w.dtype, device=x.device)
+    for j in range(0, k, s):
+        taps = min(s, k - j)  # the last group may hold fewer than s taps
+        frames = x.as_strided((t_out, taps * c_in), (s * c_in, 1), x.storage_offset() + j * c_in)
+        rows = w[j * c_in : (j + taps) * c_in]
+        if j == 0:
+            if conv.bias is None:
+                torch.mm(frames, rows, out=out)
             else:
-                out_b.addmm_(frames, rows)
+                torch.addmm(conv.bias, frames, rows, out=out)
+        else:
+            out.addmm_(frames, rows)
     return out
 
 

@@ -268,7 +268,7 @@ class Wav2vec1Features(torch.nn.Module):
         h = x[:, None]  # (samples, 1)
         for block, w in zip(self.fe.conv_layers, self.flat_weights):
             conv, norm = block[0], block[2]
-            h = strided_conv(h[None], conv, w)[0]
+            h = strided_conv(h, conv, w)
             n = h.numel()
             mean = h.sum(dtype=torch.float64) / n
             var = torch.linalg.vector_norm(h, dtype=torch.float64) ** 2 / n - mean**2
@@ -414,18 +414,21 @@ class FairseqEncoder(HFEncoder):
         self.feature_encoder = "fairseq"
         if AUTOCAST[self.dtype] is not None:  # float32 keeps fairseq's exact path
             fe = self.model.feature_extractor
-            channels_last = Wav2vec1Features.of(fe) if self.kind == "Wav2VecModel" else channels_last_feature_encoder(fe)
+            if self.kind == "Wav2VecModel":
+                channels_last = Wav2vec1Features.of(fe)
+            else:
+                channels_last = channels_last_feature_encoder(fe)
+                # fairseq hands its first layer a (T, B, C) transpose of a (B, T, C) tensor. Under
+                # autocast a Linear on that layout cannot fold it into one matrix without a copy, so
+                # torch.matmul runs a batched matmul over T with the weight copied T times: three
+                # copies of 470 MB in the forward of three 8 s clips at wav2vec2-base size, half the
+                # time of that bf16 forward. A contiguous copy of the input (2 MB) instead. (float32
+                # showed no such cost, and keeps fairseq's exact path.)
+                first = self.model.encoder.layers[0]
+                first.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
             if channels_last is not None:
                 self.model.feature_extractor = channels_last
                 self.feature_encoder = channels_last.name
-        if AUTOCAST[self.dtype] is not None and self.kind != "Wav2VecModel":
-            # fairseq hands its first layer a (T, B, C) transpose of a (B, T, C) tensor. Under
-            # autocast a Linear on that layout cannot fold it into one matrix without a copy, so
-            # torch.matmul runs a batched matmul over T with the weight copied T times: three copies
-            # of 470 MB in the forward of three 8 s clips at wav2vec2-base size, half the time of
-            # that bf16 forward. A contiguous copy of the input (2 MB) instead. (float32 showed no
-            # such cost, and keeps fairseq's exact path.)
-            self.model.encoder.layers[0].register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
         self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
         self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
         if not 0 <= self.window_overlap < self.window:
