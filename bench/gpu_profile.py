@@ -2,17 +2,19 @@
 bf16 autocast, end to end (decode + prepare + encode + write) through the real pipeline.
 
 On an H200 (2026-11-26) this pipeline ran 200 clips of 2-15 s in 3.6 s, 1.1% of the bf16 FLOP
-limit: host-bound. This run splits that time, for bench/gpu_check.sh:
+limit: host-bound. This run, for bench/gpu_check.sh, measures:
 
-  1. stages of the pipeline: the main thread's time in the model's forward call (host: Python and
-     kernel launches), waiting for the GPU to finish (a synchronize after the call), the rest of
-     encode (stacking, the copy to the host, unpadding), the store's writer, and waiting for the
-     preparing threads; the threads' own time decoding and preparing;
-  2. one forward of three 8 s clips: host time of the call against GPU time, the feature encoder's
-     share, and the number of kernel launches (torch.profiler);
-  3. new input lengths against lengths seen before (plan and heuristic caches of cuDNN / cuBLAS);
-  4. the same pipeline with the feature encoder changed (no tiles; transformers' own convs on the
-     layer-norm variant), more preparing threads and a 4x larger batch budget.
+  1. the pipeline as shipped (one forward per length batch, padded to its longest) against the
+     policy before (each input padded by its own length: only inputs padded alike shared a
+     forward), larger batch budgets, no feature-encoder tiles, and the layer-norm variant with our
+     convs and with transformers'; in two interleaved rounds after a warm-up of every row;
+  2. where the main thread's time goes in the first two: the model's forward call (host: Python
+     and kernel launches), waiting for the GPU (a synchronize after the call), the rest of encode
+     (stacking, the copy to the host, unpadding), the store's writer, and waiting for the
+     preparing threads; and the threads' own time decoding and preparing;
+  3. one forward of three 8 s clips: host time of the call against the time until the GPU is
+     done, the feature encoder's share, kernel launches (torch.profiler), the positional conv
+     alone, and new input lengths against lengths seen before (cuDNN / cuBLAS choices).
 
 Not a test: it needs a GPU to mean anything (it runs on a CPU too, as a smoke test).
 """
@@ -194,15 +196,63 @@ def new_lengths(encoder, device: str, n: int = 8) -> dict:
     return {"first_time_s": passes[0], "seen_before_s": passes[1]}
 
 
+def padded_by_own_length(encoder):
+    """The padding policy before 2026-11-27, for an A/B in one run (bench-only): each masked audio
+    input padded to the next 0.25 s of its own length, and only inputs padded alike sharing a
+    forward (75 forwards for 200 clips of 2-15 s)."""
+    from collections import defaultdict
+
+    from emofuse.extract.encoders import hf
+
+    def forward(inputs, budget=None):
+        groups = defaultdict(list)
+        for i, x in enumerate(inputs):
+            groups[encoder._padded_length(len(x))].append(i)
+        outputs = [None] * len(inputs)
+        for n, group in sorted(groups.items()):
+            for part in hf._split_by_budget(group, [n] * len(group), hf.FORWARD_BUDGET["audio"]):
+                for i, out in zip(part, encoder._forward_padded([inputs[i] for i in part], n)):
+                    outputs[i] = out
+        return outputs
+
+    encoder._forward = forward
+    return encoder
+
+
+def positional_conv(encoder, device: str, frames: int = 400, repeats: int = 10) -> float:
+    """GPU time of the positional conv embedding alone (768 channels, kernel 128, 16 groups) on
+    3 x `frames` frames, per call (median)."""
+    import numpy as np
+    import torch
+
+    from emofuse.extract.encoders.hf import DTYPES, precision
+
+    conv = encoder.model.encoder.pos_conv_embed
+    x = torch.randn(3, frames, encoder.dim, device=device)
+    times = []
+    with torch.inference_mode(), precision(DTYPES[encoder.dtype], device):
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            conv(x)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
 def main(argv=None) -> dict:
     p = common.parser(__doc__)
     p.add_argument("--clips", type=int, default=200)
     args = p.parse_args(argv)
+    import numpy as np
     import torch
+
+    import extraction  # bench/extraction.py: its forward counter
 
     common.quiet_transformers()
     dev = args.device
     n = 12 if args.quick else args.clips
+    repeats = 3 if args.quick else 11
     rate = common.matmul_rate("bfloat16", dev, seconds=0.3 if args.quick else 1.0)["flops_per_s"]
     gflop_per_s_audio = 14.9  # wav2vec2-base, counted with torch's flop counter (bench/extraction.py)
     data = {"device": dev, "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None,
@@ -213,56 +263,77 @@ def main(argv=None) -> dict:
         data["audio_s"] = audio_s
         group = common.make_wav2vec2(tmp / "group")
         layer = common.make_wav2vec2(tmp / "layer", feat_extract_norm="layer")
+
+        def transformers_convs(encoder):
+            encoder.model.feature_extractor = encoder.model.feature_extractor.hf
+            return encoder
+
+        def no_tiles(encoder):
+            encoder.model.feature_extractor.tile_frames = 1 << 30
+            return encoder
+
+        # name -> (encoder, pipeline options); each encoder counts its forwards and padding
+        variants = {
+            "as shipped: one forward per batch (60 s budget)": (build(group, dev), {}),
+            "before: each input padded by its own length": (padded_by_own_length(build(group, dev)), {}),
+            "batch budget 240 s": (build(group, dev), {"budget": 4 * BUDGET}),
+            "batch budget 960 s": (build(group, dev), {"budget": 16 * BUDGET}),
+            "batch budget 960 s, no tiles": (no_tiles(build(group, dev)), {"budget": 16 * BUDGET}),
+            "layer-norm variant": (build(layer, dev), {}),
+            "layer-norm variant, transformers' convs": (transformers_convs(build(layer, dev)), {}),
+        }
+        stats = {name: extraction.instrument(enc) for name, (enc, _) in variants.items()}
+        index = {name: i for i, name in enumerate(variants)}  # output folder names
+        for name, (enc, kw) in variants.items():  # warm-up: every batch shape once (cuBLAS / cuDNN choices)
+            run_pipeline(enc, clips, tmp / f"warm-{index[name]}", **kw)
+        for s in stats.values():
+            s.update(forwards=0, items=0, real=0, padded=0)
+        # Two rounds, the second in reverse order, so that a drift of the machine falls on every row.
+        seconds = {name: [] for name in variants}
+        for r in range(2):
+            for name in list(variants)[:: 1 if r == 0 else -1]:
+                enc, kw = variants[name]
+                seconds[name].append(run_pipeline(enc, clips, tmp / f"out-{r}-{index[name]}", **kw))
+                common.log(f"[gpu-profile] round {r + 1}: {name}: {audio_s / seconds[name][-1]:.0f} audio s/s")
         rows = {}
+        for name, times in seconds.items():
+            mean = sum(times) / len(times)
+            rows[name] = {"seconds": times, "audio_s_per_s": audio_s / mean, "ms_per_clip": mean / n * 1e3,
+                          "of_bf16_limit": audio_s / mean * gflop_per_s_audio * 1e9 / rate,
+                          "forwards": stats[name]["forwards"] // 2,
+                          "padding_fraction": extraction.padding_fraction(stats[name])}
+        data["rows"] = rows
 
-        def pipeline_row(name, encoder, **kw):
-            run_pipeline(encoder, clips[: max(4, n // 8)], tmp / f"warm-{len(rows)}", **kw)  # warm-up (kernels, plans)
-            seconds = run_pipeline(encoder, clips, tmp / f"out-{len(rows)}", **kw)
-            rows[name] = {"seconds": seconds, "audio_s_per_s": audio_s / seconds,
-                          "of_bf16_limit": audio_s / seconds * gflop_per_s_audio * 1e9 / rate,
-                          "ms_per_clip": seconds / n * 1e3}
-            common.log(f"[gpu-profile] {name}: {audio_s / seconds:.0f} audio s/s ({seconds:.2f} s)")
-
-        enc = build(group, dev)
-        pipeline_row("pipeline bf16 (as shipped)", enc)
-        stages = StageTimes(enc, dev)
-        with stages.timing_writes():
-            total = run_pipeline(enc, clips, tmp / "out-stages")
-        data["stages"] = stages.split(total)
-        common.log(f"[gpu-profile] stages: {data['stages']}")
-
-        import numpy as np
+        for name in list(variants)[:2]:  # where the main thread's time goes, with and without the change
+            enc, kw = variants[name]
+            stages = StageTimes(enc, dev)
+            with stages.timing_writes():
+                total = run_pipeline(enc, clips, tmp / f"stages-{index[name]}", **kw)
+            data.setdefault("stages", {})[name] = stages.split(total)
+            common.log(f"[gpu-profile] stages, {name}: {data['stages'][name]}")
 
         x8 = [np.random.default_rng(i).standard_normal(16000 * 8).astype(np.float32) for i in range(3)]
         plain = build(group, dev)
-        data["forward_3x8s"] = one_forward(plain, x8, dev, repeats=3 if args.quick else 11)
+        data["forward_3x8s"] = one_forward(plain, x8, dev, repeats)
         data["profile_3x8s"] = launches(plain, x8, dev)
         data["new_lengths"] = new_lengths(plain, dev, n=3 if args.quick else 8)
-        common.log(f"[gpu-profile] one forward: {data['forward_3x8s']}; new lengths: {data['new_lengths']}; "
-                   f"launches per forward {data['profile_3x8s']['kernel_launches_per_forward']:.0f}")
+        data["positional_conv_3x400_frames_s"] = {"bfloat16": positional_conv(plain, dev),
+                                                  "float32": positional_conv(build(group, dev, "float32"), dev)}
+        data["layer_norm_forward_3x8s"] = {"ours": one_forward(build(layer, dev), x8, dev, repeats),
+                                           "transformers": one_forward(variants["layer-norm variant, transformers' convs"][0],
+                                                                       x8, dev, repeats)}
+        for key in ("forward_3x8s", "new_lengths", "positional_conv_3x400_frames_s", "layer_norm_forward_3x8s"):
+            common.log(f"[gpu-profile] {key}: {data[key]}")
+        common.log(f"[gpu-profile] kernel launches per forward: {data['profile_3x8s']['kernel_launches_per_forward']:.0f}")
         print(data["profile_3x8s"]["table"])
-
-        notiles = build(group, dev)
-        notiles.model.feature_extractor.tile_frames = 1 << 30
-        pipeline_row("no tiles in the feature encoder", notiles)
-        pipeline_row("8 preparing threads", build(group, dev), workers=8)
-        pipeline_row("4x batch budget (240 s)", build(group, dev), budget=4 * BUDGET)
-        pipeline_row("layer-norm variant, our feature encoder", build(layer, dev))
-        theirs = build(layer, dev)
-        theirs.model.feature_extractor = theirs.model.feature_extractor.hf  # transformers' own convs
-        theirs_fe = one_forward(theirs, x8, dev, repeats=3 if args.quick else 11)
-        ours_fe = one_forward(build(layer, dev), x8, dev, repeats=3 if args.quick else 11)
-        data["layer_norm_forward_3x8s"] = {"ours": ours_fe, "transformers": theirs_fe}
-        common.log(f"[gpu-profile] layer-norm variant, one forward: ours {ours_fe}; transformers' convs {theirs_fe}")
-        pipeline_row("layer-norm variant, transformers' feature encoder", theirs)
-        data["rows"] = rows
     common.write_result(NAME, data, args.out)
-    headers = ["pipeline, bf16", "audio s/s", "of bf16 limit", "ms per clip"]
-    print(common.table([[k, f"{r['audio_s_per_s']:.0f}", f"{r['of_bf16_limit']:.1%}", f"{r['ms_per_clip']:.1f}"]
-                        for k, r in rows.items()], headers, f"GPU extraction, {n} clips of 2-15 s ({audio_s:.0f} s)"))
-    s = data["stages"]
-    print(common.table([[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in s.items()], ["stage", "seconds"],
-                       "Where the main thread's time goes (bf16 pipeline, as shipped)"))
+    headers = ["pipeline, bf16", "audio s/s", "of bf16 limit", "ms per clip", "forwards", "padding"]
+    print(common.table([[k, f"{r['audio_s_per_s']:.0f}", f"{r['of_bf16_limit']:.1%}", f"{r['ms_per_clip']:.1f}",
+                         r["forwards"], f"{r['padding_fraction']:.1%}"] for k, r in rows.items()], headers,
+                       f"GPU extraction, {n} clips of 2-15 s ({audio_s:.0f} s), mean of 2 interleaved rounds"))
+    for name, split in data["stages"].items():
+        print(common.table([[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in split.items()],
+                           ["stage", "seconds"], f"Where the main thread's time goes: {name}"))
     return data
 
 

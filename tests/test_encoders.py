@@ -28,12 +28,11 @@ def maxdiff(a, b):
 
 
 def check_batch_invariance(enc, items):
-    """Batched equals one at a time within float noise: each input is padded by its own length
-    alone (text: not at all), never to its batch's longest (hf.HFEncoder._forward), but a forward
-    of another size rounds differently in the last bits (matrix kernels block it differently; the
-    CPU convolutions of audio too). The same batch again gives the same bits: that, with the
-    pipeline's fixed batch plan, is what makes a resumed extraction bit-identical
-    (tests/test_pipeline.py)."""
+    """Batched equals one at a time within float noise: masked audio is padded to the longest of
+    its forward, text not at all (hf.HFEncoder._forward), and a forward of another size rounds
+    differently in the last bits (matrix kernels block it differently; the CPU convolutions of
+    audio too). The same batch again gives the same bits: that, with the pipeline's fixed batch
+    plan, is what makes a resumed extraction bit-identical (tests/test_pipeline.py)."""
     together = enc.encode(items)
     alone = [enc.encode([it])[0] for it in items]
     for a, b in zip(together, alone):
@@ -414,6 +413,8 @@ def reference_audio_forward(enc, item):
 
 @pytest.mark.parametrize("variant", ["w2v_layer", "w2v_stable", "w2v_group"])
 def test_hf_audio(tiny, tmp_path, variant):
+    from emofuse.extract.encoders import hf
+
     enc = build_encoder("audio", {"backend": "hf", "path": tiny[variant]})  # modality read from the config
     assert enc.modality == "audio" and enc.dim == 32 and enc.fps == 50.0
     assert enc.masked  # group norm too: ours normalises each input over its own samples
@@ -430,8 +431,26 @@ def test_hf_audio(tiny, tmp_path, variant):
     spec = enc.full_spec()
     assert spec["checkpoint_sha256"] == {"model.safetensors": file_sha256(f"{tiny[variant]}/model.safetensors")}
     assert spec["sample_rate"] == 16000 and spec["layer"] == -1 and spec["dtype"] == "float32"
-    assert "padding" not in spec  # audio's padding did not change
+    assert spec["padding"] == hf.AUDIO_PADDING  # padded to the longest of each forward: in the fingerprint
     assert spec["feature_encoder"] == "channels-last-matmul, tiles of 256 frames"
+
+
+def test_masked_audio_batch_is_one_forward_padded_to_its_longest(tiny, tmp_path, monkeypatch):
+    """A batch of clips of different lengths runs as one forward, padded to its longest rounded up
+    to 0.25 s, however large the pipeline's budget made it (a GPU wants few, large forwards):
+    FORWARD_BUDGET only splits off what windows of long inputs add."""
+    from emofuse.extract.encoders import hf
+
+    enc = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_group"]})
+    items = [enc.prepare(wav_utt(tmp_path, f"u{i}", s, seed=i)) for i, s in enumerate([0.5, 0.83, 1.2, 0.45])]
+    forwards = []
+    inner = enc._forward_padded
+    monkeypatch.setattr(enc, "_forward_padded", lambda inputs, n: forwards.append(([len(x) for x in inputs], n)) or inner(inputs, n))
+    monkeypatch.setitem(hf.FORWARD_BUDGET, "audio", 16000)  # below the batch's padded size
+    outs = enc.encode(items)
+    assert forwards == [(sorted(len(x) for x in items), 20000)]  # shortest first; 1.2 s -> 1.25 s
+    for it, out in zip(items, outs):
+        assert maxdiff(out, reference_audio_forward(enc, it).last_hidden_state[0].numpy()) < TOL
 
 
 def test_hf_audio_layers_and_chunking(tiny, tmp_path):

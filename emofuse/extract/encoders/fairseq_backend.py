@@ -43,7 +43,7 @@ from emofuse.extract.encoders.base import file_sha256, register
 from emofuse.extract.encoders.chunking import conv_output_length
 from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, flat_weight, strided_conv, supported_layer
 from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
-from emofuse.extract.encoders.hf import TEXT_PADDING, HFEncoder, pick_device, precision, prepare_frozen
+from emofuse.extract.encoders.hf import AUDIO_PADDING, TEXT_PADDING, HFEncoder, pick_device, precision, prepare_frozen
 from emofuse.extract.media import load_audio
 
 INSTALL_HINT = "pip install emofuse[fairseq] (see README)"
@@ -464,6 +464,8 @@ class FairseqEncoder(HFEncoder):
         else:
             spec.update(sample_rate=self.sample_rate, normalize=self.normalize,
                         chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds)
+            if self.masked:  # HFEncoder._forward pads to the longest of each forward
+                spec["padding"] = AUDIO_PADDING
         if self.dtype != "float32":  # float32 stores keep the spec they always had
             spec["linear_kernel"] = self.linear_kernel
             if self.modality == "audio":
@@ -499,7 +501,7 @@ class FairseqEncoder(HFEncoder):
 
     def _forward_padded(self, inputs: list[np.ndarray], n: int | None = None) -> list[np.ndarray]:
         lengths = [len(x) for x in inputs]
-        n = max(lengths) if n is None else n  # HFEncoder._forward pads to a length set by each input alone
+        n = max(lengths) if n is None else n  # the padded length HFEncoder._forward chose
         pad = self.dictionary.pad() if self.modality == "text" else 0.0
         batch = np.full((len(inputs), n), pad, dtype=inputs[0].dtype)
         for i, x in enumerate(inputs):

@@ -41,9 +41,14 @@ from emofuse.extract.media import load_audio
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 # Padded input per forward: a long input cut into many windows is run a few windows at a time, so
 # memory stays that of an ordinary batch (100,000 words in one forward of 530 windows took 3.5 GB).
-# As large as the pipeline's default batch budgets, so that ordinary batches are never split.
+# A batch the pipeline formed is never split, whatever its budget (see encode).
 FORWARD_BUDGET = {"text": 8192, "audio": 16000 * 60}
-# Inputs are padded to a multiple of this (tokens; samples: 0.25 s at 16 kHz), see _forward.
+# Masked audio is padded to the longest input of its forward, rounded up to a multiple of
+# PAD_MULTIPLE samples (0.25 s at 16 kHz); AUDIO_PADDING names that policy in the spec. The
+# pipeline's batches hold inputs of similar length, so one forward per batch pads little (1.4% on
+# 200 clips of 2-15 s) and a GPU gets few, large forwards: each input padded by its own length
+# alone, as before, made 75 forwards of 200 clips on an H200 where ~17 ms of host time per forward
+# (Python, ~440 kernel launches) left the GPU mostly idle (bench/README.md, "GPU profile").
 # Text is not padded at all: a forward holds texts (or windows of long texts) of exactly one
 # length. With exact lengths an utterance's features change in the last bits with how many others
 # share its forward (matrix kernels block odd sizes differently: 46 of 4,992 values by 1 ulp in the
@@ -62,6 +67,7 @@ FORWARD_BUDGET = {"text": 8192, "audio": 16000 * 60}
 # 16, no "padding" in their spec) get another fingerprint, so a store never mixes the two.
 PAD_MULTIPLE = {"text": 1, "audio": 4000}
 TEXT_PADDING = "exact"
+AUDIO_PADDING = "longest in forward, multiple of 4000 samples"
 
 
 def check_model_folder(path) -> Path:
@@ -440,6 +446,8 @@ class HFEncoder(Encoder):
         else:
             spec.update(sample_rate=self.sample_rate, chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds,
                         feature_encoder=self.feature_encoder)
+            if self.masked:
+                spec["padding"] = AUDIO_PADDING
         return spec
 
     def prepare(self, utt: Utterance) -> np.ndarray:
@@ -473,7 +481,10 @@ class HFEncoder(Encoder):
             spans = self._spans(len(item))
             spans_of.append(spans)
             windows += [self._window_input(item[s:e]) for s, e in spans]
-        outputs = self._forward(windows)
+        # A batch stays one forward at any pipeline budget (a GPU wants large ones); only inputs
+        # cut into many windows make it larger, and that surplus is split off (FORWARD_BUDGET).
+        longest = self._padded_length(max(len(w) for w in windows))
+        outputs = self._forward(windows, max(FORWARD_BUDGET[self.modality], len(items) * longest))
 
         results, k = [], 0
         for item, spans in zip(items, spans_of):
@@ -507,29 +518,36 @@ class HFEncoder(Encoder):
 
     # -- the forward -----------------------------------------------------------------------------
 
-    def _forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def _forward(self, inputs: list[np.ndarray], budget: int | None = None) -> list[np.ndarray]:
         """Each input's unpadded (T, D) or (T, L, D) output, in order.
 
-        An input is padded to a length that depends on its own length only (_padded_length: text
-        not at all) and shares forwards only with inputs padded alike, so its padding never depends
-        on its batch mates (padded to the longest of its batch, 0 of 40 MiniLM outputs matched
-        their unbatched selves). What does depend on them, in the last bits, is how many inputs
-        share a forward; the pipeline's fixed batch plan makes that reproducible (PAD_MULTIPLE).
+        Inputs sorted by length are cut into forwards of at most `budget` padded positions
+        (default FORWARD_BUDGET). Masked audio is padded to the longest of its forward, rounded
+        up (_padded_length); text, and audio models without a mask, share a forward only between
+        inputs of exactly one length. The mask makes padding irrelevant to an input's features
+        up to float rounding (within 1e-5 of encoding it alone); which inputs share a forward,
+        and so the last bits, depends on the batch alone, which the pipeline's fixed batch plan
+        makes reproducible (PAD_MULTIPLE).
         """
+        budget = budget or FORWARD_BUDGET[self.modality]
         groups = defaultdict(list)
         for i, x in enumerate(inputs):
-            groups[self._padded_length(len(x))].append(i)
+            groups[0 if self._pads_to_longest() else len(x)].append(i)
         outputs = [None] * len(inputs)
-        for n, group in sorted(groups.items()):
-            for part in _split_by_budget(group, [n] * len(group), FORWARD_BUDGET[self.modality]):
+        for _, group in sorted(groups.items()):
+            group.sort(key=lambda i: len(inputs[i]))
+            for part in _split_by_budget(group, [self._padded_length(len(inputs[i])) for i in group], budget):
+                n = self._padded_length(len(inputs[part[-1]]))
                 for i, out in zip(part, self._forward_padded([inputs[i] for i in part], n)):
                     outputs[i] = out
         return outputs
 
+    def _pads_to_longest(self) -> bool:
+        return self.modality == "audio" and self.masked
+
     def _padded_length(self, n: int) -> int:
-        """The next multiple of PAD_MULTIPLE (within the text window; text: its own length); models
-        without an attention mask see no padding at all: only inputs of exactly the same length
-        share a forward."""
+        """An input of n positions padded to the next multiple of PAD_MULTIPLE (text: within its
+        window, i.e. n itself); models without an attention mask are never padded."""
         if not self.masked:
             return n
         m = PAD_MULTIPLE[self.modality]
