@@ -4,11 +4,13 @@ bf16 autocast, end to end (decode + prepare + encode + write) through the real p
 On an H200 (2026-11-26) this pipeline ran 200 clips of 2-15 s in 3.6 s, 1.1% of the bf16 FLOP
 limit: host-bound. This run, for bench/gpu_check.sh, measures:
 
-  1. the pipeline as shipped (one forward per length batch, padded to its longest) against the
-     policy before (each input padded by its own length: only inputs padded alike shared a
-     forward), larger batch budgets, no feature-encoder tiles, and the layer-norm variant with our
-     convs and with transformers'; in two interleaved rounds after a warm-up of every row;
-  2. where the main thread's time goes in the first two: the model's forward call (host: Python
+  1. the pipeline as shipped (one forward per length batch, padded to its longest; full shards
+     written by a background thread) against the policy before (each input padded by its own
+     length: only inputs padded alike shared a forward), that policy with shards written in the
+     encoding thread too (all as before), larger batch budgets, no feature-encoder tiles, and the
+     layer-norm variant with our convs and with transformers'; in two interleaved rounds after a
+     warm-up of every row;
+  2. where the main thread's time goes in the first three: the model's forward call (host: Python
      and kernel launches), waiting for the GPU (a synchronize after the call), the rest of encode
      (stacking, the copy to the host, unpadding), the store's writer, and waiting for the
      preparing threads; and the threads' own time decoding and preparing;
@@ -106,14 +108,19 @@ class StageTimes:
                 "main_other_s": total - t["encode"] - t["write"], "prepare_threads_s": t["prepare_threads"]}
 
 
-def run_pipeline(encoder, clips, out: Path, workers: int = 2, budget: int = BUDGET) -> float:
+def run_pipeline(encoder, clips, out: Path, workers: int = 2, budget: int = BUDGET, background_writes: bool = True) -> float:
+    from emofuse.cache.store import ShardWriter
     from emofuse.corpora.base import Utterance
     from emofuse.extract.pipeline import extract_modality
 
     utts = [Utterance(id=p.stem, audio=str(p)) for p, _ in clips]
     encoder.full_spec()
+    ShardWriter.BACKGROUND = background_writes
     start = time.perf_counter()
-    result = extract_modality(utts, encoder, out, budget=budget, workers=workers, progress=False, log=lambda *a: None)
+    try:
+        result = extract_modality(utts, encoder, out, budget=budget, workers=workers, progress=False, log=lambda *a: None)
+    finally:
+        ShardWriter.BACKGROUND = True
     seconds = time.perf_counter() - start
     if result.failed:
         raise RuntimeError(f"{result.failed} utterances failed: {result.failure_reasons}")
@@ -276,6 +283,8 @@ def main(argv=None) -> dict:
         variants = {
             "as shipped: one forward per batch (60 s budget)": (build(group, dev), {}),
             "before: each input padded by its own length": (padded_by_own_length(build(group, dev)), {}),
+            "before, shards written in the encoding thread": (padded_by_own_length(build(group, dev)),
+                                                               {"background_writes": False}),
             "batch budget 240 s": (build(group, dev), {"budget": 4 * BUDGET}),
             "batch budget 960 s": (build(group, dev), {"budget": 16 * BUDGET}),
             "batch budget 960 s, no tiles": (no_tiles(build(group, dev)), {"budget": 16 * BUDGET}),
@@ -304,7 +313,7 @@ def main(argv=None) -> dict:
                           "padding_fraction": extraction.padding_fraction(stats[name])}
         data["rows"] = rows
 
-        for name in list(variants)[:2]:  # where the main thread's time goes, with and without the change
+        for name in list(variants)[:3]:  # where the main thread's time goes, with and without the changes
             enc, kw = variants[name]
             stages = StageTimes(enc, dev)
             with stages.timing_writes():

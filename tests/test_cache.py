@@ -1,3 +1,4 @@
+import errno
 import json
 
 import h5py
@@ -5,7 +6,8 @@ import numpy as np
 import pytest
 
 from emofuse.cache.shard import Shard, write_shard
-from emofuse.cache.store import CacheError, FeatureStore
+from emofuse.cache import store as store_module
+from emofuse.cache.store import CacheError, FeatureStore, ShardWriter
 from emofuse.extract.encoders.base import fingerprint
 
 SPEC = {"backend": "toy", "dim": 8, "dtype": "float32"}
@@ -52,6 +54,44 @@ def test_store_write_read_and_resume_index(tmp_path):
     assert set(loaded) == {f"u{i}" for i in range(10)}
     info = store.info()
     assert info["utterances"] == 10 and info["frames"] == sum(len(a) for a in arrays)
+    assert FeatureStore.verify(store.path) == []
+
+
+def test_background_writes_give_the_shards_of_foreground_writes(tmp_path, monkeypatch):
+    """Full shards are written by a background thread while the next one fills: the same shards,
+    byte for byte, as when every shard is written in the caller's thread, all published on exit."""
+    shards = {}
+    for background in (True, False):
+        monkeypatch.setattr(ShardWriter, "BACKGROUND", background)
+        store, _ = _store(tmp_path / str(background), n=40, shard_mb=300)
+        shards[background] = sorted(store.path.glob("shard-*"))
+    assert len(shards[True]) > 3
+    assert [p.name for p in shards[True]] == [p.name for p in shards[False]]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(shards[True], shards[False]))
+
+
+def test_a_failed_background_write_stops_the_writer(tmp_path, monkeypatch):
+    """A shard that fails in the background is raised as one CacheError by the writer (a later add,
+    or its exit), and nothing after it is written: the shards before stay valid, as in the
+    foreground."""
+    calls = []
+    real = store_module.write_shard
+
+    def second_fails(path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args)
+
+    monkeypatch.setattr(store_module, "write_shard", second_fails)
+    store = FeatureStore.create(tmp_path / "audio-toy", "audio", SPEC, FP, dim=8)
+    with pytest.raises(CacheError, match=r"No space left on device\); the 1 shard\(s\) written before stay valid"):
+        with store.writer(max_shard_bytes=300) as w:
+            for i, a in enumerate(_arrays(40)):
+                w.add(f"u{i}", a)
+    assert len(calls) == 2
+    reopened = FeatureStore(store.path)
+    assert len(reopened.shards) == 1 and not list(store.path.glob("*.tmp"))
     assert FeatureStore.verify(store.path) == []
 
 

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +260,15 @@ class FeatureStore:
 
 class ShardWriter:
     """Buffers encoded utterances and writes them as whole shards. Use as a context manager:
-    it takes the store's lock, removes stale `.tmp` files, and writes the last shard on exit."""
+    it takes the store's lock, removes stale `.tmp` files, and writes the last shard on exit.
+
+    A full shard is written by a background thread while the next one fills, one shard at a time
+    (so at most two shards of features are held). Building, checksumming and fsyncing a 64 MB
+    shard blocked the encoding loop for ~0.2 s otherwise; on a GPU, whose forwards are short,
+    that showed as ~20% of the extraction's time (bench/README.md, "GPU profile"). An error of a
+    background write is raised by the next add, flush or the exit."""
+
+    BACKGROUND = True  # False: every shard written in the caller's thread (bench A/B)
 
     def __init__(self, store: FeatureStore, writer_name: str, max_shard_bytes: int):
         self.store = store
@@ -270,6 +279,9 @@ class ShardWriter:
         self.nbytes = 0
         self.lock_file = None
         self.shards_written = 0
+        self._pool = None  # the background writer thread, started with the first full shard
+        self._in_flight = None  # the Future of the shard it is writing
+        self.failed = False  # a shard could not be written: nothing more is (the error was raised)
 
     def __enter__(self) -> "ShardWriter":
         self._lock()
@@ -282,7 +294,11 @@ class ShardWriter:
         try:
             if exc_type is None or issubclass(exc_type, (KeyboardInterrupt, Exception)):
                 self.flush()
+            else:
+                self._wait()
         finally:
+            if self._pool is not None:
+                self._pool.shutdown()
             self._unlock()
 
     def _lock(self) -> None:
@@ -318,11 +334,18 @@ class ShardWriter:
         features = np.asarray(features, dtype=np.float16)
         if not np.isfinite(features).all():
             raise ValueError(f"{uid}: features contain NaN or Inf (or overflow float16)")
+        self._wait_if_failed()
         self.ids.append(uid)
         self.arrays.append(features)
         self.nbytes += features.nbytes
         if self.nbytes >= self.max_shard_bytes:
-            self.flush()
+            if self.BACKGROUND:
+                self._wait()  # the shard before is published: one in flight at a time
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+                self._in_flight = self._pool.submit(self._write, *self._take())
+            else:
+                self.flush()
 
     def add_failure(self, uid: str, stage: str, reason: str) -> None:
         try:
@@ -332,15 +355,34 @@ class ShardWriter:
             raise CacheError(f"{self.store.path / 'failures.jsonl'}: could not write ({e.strerror or e})") from None
 
     def flush(self) -> None:
-        if not self.ids:
-            return
-        path = self._next_path()
+        """Write what is buffered; when it returns every shard added so far is published."""
+        self._wait()
+        if self.ids and not self.failed:
+            self._write(*self._take())
+
+    def _take(self) -> tuple[Path, list[str], list[np.ndarray]]:
+        """The next shard's path and the buffer, which starts empty again (after a failed write
+        too: nothing is retried on exit)."""
+        path, ids, arrays = self._next_path(), self.ids, self.arrays
+        self.ids, self.arrays, self.nbytes = [], [], 0
+        return path, ids, arrays
+
+    def _write(self, path: Path, ids: list[str], arrays: list[np.ndarray]) -> None:
         try:
-            write_shard(path, self.ids, self.arrays, self.store.fingerprint)
+            write_shard(path, ids, arrays, self.store.fingerprint)
         except OSError as e:  # disk full, file-size limit, permissions: keep what is finished, say so
             path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-            self.ids, self.arrays, self.nbytes = [], [], 0  # nothing to retry on exit
+            self.failed = True
             raise CacheError(f"{path}: could not write shard ({e.strerror or e}); the {self.shards_written} "
                              f"shard(s) written before stay valid, run again to resume") from None
         self.shards_written += 1
-        self.ids, self.arrays, self.nbytes = [], [], 0
+
+    def _wait(self) -> None:
+        """Until the background write (if any) is done; its error, if it had one, is raised here."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def _wait_if_failed(self) -> None:
+        if self._in_flight is not None and self._in_flight.done():
+            self._wait()
