@@ -5,12 +5,13 @@ On an H200 (2026-11-26) this pipeline ran 200 clips of 2-15 s in 3.6 s, 1.1% of 
 limit: host-bound. This run, for bench/gpu_check.sh, measures:
 
   1. the pipeline as shipped (one forward per length batch, padded to its longest; full shards
-     written by a background thread) against the policy before (each input padded by its own
-     length: only inputs padded alike shared a forward), that policy with shards written in the
-     encoding thread too (all as before), larger batch budgets, no feature-encoder tiles, and the
-     layer-norm variant with our convs and with transformers'; in two interleaved rounds after a
-     warm-up of every row;
-  2. where the main thread's time goes in the first three: the model's forward call (host: Python
+     written by a background thread; on a GPU the feature encoder on whole inputs and the
+     positional conv in float32) at batch budgets of 60, 240 and 960 s, against all of that as
+     before this change (each input padded by its own length, so only inputs padded alike shared
+     a forward; shards written in the encoding thread; tiles; bf16 positional conv), against
+     tiles alone and the bf16 positional conv alone, and the layer-norm variant with our convs
+     and with transformers'; in two interleaved rounds after a warm-up of every row;
+  2. where the main thread's time goes, as shipped and as before: the model's forward call (host: Python
      and kernel launches), waiting for the GPU (a synchronize after the call), the rest of encode
      (stacking, the copy to the host, unpadding), the store's writer, and waiting for the
      preparing threads; and the threads' own time decoding and preparing;
@@ -226,6 +227,43 @@ def padded_by_own_length(encoder):
     return encoder
 
 
+def with_tiles(encoder, tile_frames: int = 256):
+    """The feature encoder in tiles of 256 frames, as on a CPU (bench-only A/B)."""
+    encoder.model.feature_extractor.tile_frames = tile_frames
+    return encoder
+
+
+def bf16_grouped_convs(encoder):
+    """The grouped (positional) convs back under autocast, with bf16 weights (bench-only A/B)."""
+    from emofuse.extract.encoders.hf import Float32Conv1d
+
+    for parent in list(encoder.model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Float32Conv1d):
+                conv = torch_conv1d_like(child)
+                setattr(parent, name, conv)
+    return encoder
+
+
+def torch_conv1d_like(f32):
+    import torch
+
+    out_c, in_per_group, k = f32.weight.shape
+    conv = torch.nn.Conv1d(in_per_group * f32.groups, out_c, k, f32.stride, f32.padding, f32.dilation, f32.groups,
+                           bias=f32.bias is not None).to(f32.weight.device)
+    with torch.no_grad():
+        conv.weight.data = f32.weight.detach().to(torch.bfloat16)
+        if f32.bias is not None:
+            conv.bias.data = f32.bias.detach().to(torch.bfloat16)
+    return conv.requires_grad_(False)
+
+
+def before_this_session(encoder):
+    """All four: each input padded by its own length, tiles, bf16 positional conv (and the caller
+    writes shards in the encoding thread)."""
+    return padded_by_own_length(with_tiles(bf16_grouped_convs(encoder)))
+
+
 def positional_conv(encoder, device: str, frames: int = 400, repeats: int = 10) -> float:
     """GPU time of the positional conv embedding alone (768 channels, kernel 128, 16 groups) on
     3 x `frames` frames, per call (median)."""
@@ -275,19 +313,15 @@ def main(argv=None) -> dict:
             encoder.model.feature_extractor = encoder.model.feature_extractor.hf
             return encoder
 
-        def no_tiles(encoder):
-            encoder.model.feature_extractor.tile_frames = 1 << 30
-            return encoder
-
         # name -> (encoder, pipeline options); each encoder counts its forwards and padding
         variants = {
-            "as shipped: one forward per batch (60 s budget)": (build(group, dev), {}),
-            "before: each input padded by its own length": (padded_by_own_length(build(group, dev)), {}),
-            "before, shards written in the encoding thread": (padded_by_own_length(build(group, dev)),
-                                                               {"background_writes": False}),
-            "batch budget 240 s": (build(group, dev), {"budget": 4 * BUDGET}),
-            "batch budget 960 s": (build(group, dev), {"budget": 16 * BUDGET}),
-            "batch budget 960 s, no tiles": (no_tiles(build(group, dev)), {"budget": 16 * BUDGET}),
+            "as shipped (60 s budget)": (build(group, dev), {}),
+            "as shipped, 240 s budget": (build(group, dev), {"budget": 4 * BUDGET}),
+            "as shipped, 960 s budget": (build(group, dev), {"budget": 16 * BUDGET}),
+            "before: own-length padding, foreground writes, tiles, bf16 pos conv":
+                (before_this_session(build(group, dev)), {"background_writes": False}),
+            "as shipped but tiles of 256 frames": (with_tiles(build(group, dev)), {}),
+            "as shipped but bf16 positional conv": (bf16_grouped_convs(build(group, dev)), {}),
             "layer-norm variant": (build(layer, dev), {}),
             "layer-norm variant, transformers' convs": (transformers_convs(build(layer, dev)), {}),
         }
@@ -313,7 +347,7 @@ def main(argv=None) -> dict:
                           "padding_fraction": extraction.padding_fraction(stats[name])}
         data["rows"] = rows
 
-        for name in list(variants)[:3]:  # where the main thread's time goes, with and without the changes
+        for name in [list(variants)[0], list(variants)[3]]:  # where the main thread's time goes, now and before
             enc, kw = variants[name]
             stages = StageTimes(enc, dev)
             with stages.timing_writes():
@@ -326,7 +360,8 @@ def main(argv=None) -> dict:
         data["forward_3x8s"] = one_forward(plain, x8, dev, repeats)
         data["profile_3x8s"] = launches(plain, x8, dev)
         data["new_lengths"] = new_lengths(plain, dev, n=3 if args.quick else 8)
-        data["positional_conv_3x400_frames_s"] = {"bfloat16": positional_conv(plain, dev),
+        data["positional_conv_3x400_frames_s"] = {"bfloat16 as shipped": positional_conv(plain, dev),
+                                                  "bfloat16 under autocast": positional_conv(bf16_grouped_convs(build(group, dev)), dev),
                                                   "float32": positional_conv(build(group, dev, "float32"), dev)}
         data["layer_norm_forward_3x8s"] = {"ours": one_forward(build(layer, dev), x8, dev, repeats),
                                            "transformers": one_forward(variants["layer-norm variant, transformers' convs"][0],

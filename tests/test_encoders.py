@@ -649,9 +649,11 @@ def test_channels_last_feature_encoder_equals_transformers():
             got = model.feature_extractor(x)
             assert got.shape == ref.shape and got.dtype == torch.float32
             assert maxdiff(got.numpy(), ref.numpy()) < TOL, name
-            # in tiles of 5 of its 34 frames (the last one shorter): the same frames
+            # in tiles of 5 of its 34 frames (the last one shorter), and whole (on a GPU): the same frames
             tiled = ChannelsLastFeatureEncoder(original, tile_frames=5)(x)
             assert maxdiff(tiled.numpy(), ref.numpy()) < TOL, name
+            whole = ChannelsLastFeatureEncoder(original, tile_frames=None)
+            assert maxdiff(whole(x).numpy(), ref.numpy()) < TOL and whole.name == "channels-last-matmul, whole inputs"
 
             precast_for_autocast(model, torch.bfloat16)
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -659,6 +661,38 @@ def test_channels_last_feature_encoder_equals_transformers():
                 got16 = ChannelsLastFeatureEncoder(original)(x).float()  # bf16 weights copied now
             error = lambda a: float(torch.linalg.norm(a - ref) / torch.linalg.norm(ref))  # noqa: E731
             assert error(got16) < 1.1 * error(ref16), name  # here: 0.6-1.6% against autocast's 0.6-2.5%
+
+
+def test_grouped_convs_stay_float32_under_autocast():
+    """What prepare_frozen does for a GPU in bf16: every grouped Conv1d (the positional convs) runs
+    in float32 outside autocast, and gives the float32 conv's result exactly; the model's forward
+    is then no further from float32 than under plain autocast (run here on the CPU)."""
+    import copy
+
+    from emofuse.extract.encoders.hf import Float32Conv1d, prepare_frozen
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(16, 16, 9, padding=4, groups=4)
+    x = torch.randn(2, 16, 30).bfloat16()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = Float32Conv1d(conv)(x)
+    with torch.inference_mode():
+        assert got.dtype == torch.float32 and torch.equal(got, conv(x.float()))
+
+    wav = torch.from_numpy(np.stack([speech_like(0.7, seed=1), speech_like(0.7, seed=2)]))
+    for name, model in audio_models():
+        model.eval()
+        with torch.inference_mode():
+            ref = model(wav).last_hidden_state
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                plain = model(wav).last_hidden_state.float()
+            gpu_like = copy.deepcopy(model)
+            kernel, float32_convs = prepare_frozen(gpu_like, torch.bfloat16, "cuda")
+            assert kernel == "aten" and float32_convs >= 1, name  # data2vec-audio: a stack of them
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours = gpu_like(wav).last_hidden_state.float()
+        error = lambda a: float(torch.linalg.norm(a - ref) / torch.linalg.norm(ref))  # noqa: E731
+        assert error(ours) < 1.1 * error(plain), name
 
 
 def test_conv_activation_runs_in_place_only_where_it_is_exact_gelu():

@@ -37,6 +37,13 @@ MAX_NORM_WINDOW = 64
 TILE_FRAMES = 256
 
 
+def tile_frames_for(device: str) -> int | None:
+    """Tiles on a CPU; whole inputs on a GPU, where tiles only add kernel launches: at a batch
+    budget of 960 s, 200 clips of 2-15 s ran at 974 audio s/s without tiles and 745 with them on
+    an H200 (bench/README.md, "GPU profile")."""
+    return None if device.startswith("cuda") else TILE_FRAMES
+
+
 class ChannelsLastFeatureEncoder(nn.Module):
     """Drop-in for `model.feature_extractor`: (B, samples) -> (B, C, frames), as transformers'.
 
@@ -47,7 +54,7 @@ class ChannelsLastFeatureEncoder(nn.Module):
     whole input before any tile runs. Tiles do not change the arithmetic of a row, only the number
     of rows per matmul, which can change the last bits in bf16 (the spec names the tile size)."""
 
-    def __init__(self, hf_encoder: nn.Module, tile_frames: int = TILE_FRAMES):
+    def __init__(self, hf_encoder: nn.Module, tile_frames: int | None = TILE_FRAMES):
         super().__init__()
         self.hf = hf_encoder
         for layer in hf_encoder.conv_layers:
@@ -57,12 +64,14 @@ class ChannelsLastFeatureEncoder(nn.Module):
         self.flat_weights = [flat_weight(layer.conv) for layer in hf_encoder.conv_layers]
         self.kernels = [layer.conv.kernel_size[0] for layer in hf_encoder.conv_layers]
         self.strides = [layer.conv.stride[0] for layer in hf_encoder.conv_layers]
-        self.tile_frames = tile_frames
+        self.tile_frames = tile_frames  # None: each input whole (tile_frames_for)
         self.lengths = None  # see valid_samples()
 
     @property
     def name(self) -> str:
         """What the spec records: how the features were computed."""
+        if self.tile_frames is None:
+            return "channels-last-matmul, whole inputs"
         return f"channels-last-matmul, tiles of {self.tile_frames} frames"
 
     @contextlib.contextmanager
@@ -87,8 +96,9 @@ class ChannelsLastFeatureEncoder(nn.Module):
         lengths = self.lengths or [samples] * batch
         for x, n, out_x in zip(input_values, lengths, out):
             first = self.first_layer(x, n)
-            for f0 in range(0, frames, self.tile_frames):
-                f1 = min(f0 + self.tile_frames, frames)
+            step = self.tile_frames or max(frames, 1)
+            for f0 in range(0, frames, step):
+                f1 = min(f0 + step, frames)
                 out_x[f0:f1] = self.tile(x, first, f0, f1)
         return out.transpose(1, 2)
 
@@ -213,12 +223,12 @@ def channel_norm(x: torch.Tensor, n: int, conv: nn.Conv1d, w: torch.Tensor, norm
     return lambda span: torch.addmm(beta, (windows(span.double(), k, s) - mean).to(dtype), scaled)
 
 
-def use_channels_last_feature_encoder(model: nn.Module) -> bool:
+def use_channels_last_feature_encoder(model: nn.Module, tile_frames: int | None = TILE_FRAMES) -> bool:
     """Swap a wav2vec2-style model's feature encoder for ChannelsLastFeatureEncoder when every
     layer is of a supported kind (else leave it). Returns whether it was swapped."""
     encoder = getattr(model, "feature_extractor", None)
     layers = getattr(encoder, "conv_layers", None)
     if layers is None or not all(supported_layer(layer) for layer in layers):
         return False
-    model.feature_extractor = ChannelsLastFeatureEncoder(encoder)
+    model.feature_extractor = ChannelsLastFeatureEncoder(encoder, tile_frames)
     return True

@@ -41,7 +41,14 @@ from emofuse.corpora.base import Utterance
 from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import file_sha256, register
 from emofuse.extract.encoders.chunking import conv_output_length
-from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, flat_weight, strided_conv, supported_layer
+from emofuse.extract.encoders.conv_features import (
+    TILE_FRAMES,
+    ChannelsLastFeatureEncoder,
+    flat_weight,
+    strided_conv,
+    supported_layer,
+    tile_frames_for,
+)
 from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
 from emofuse.extract.encoders.hf import AUDIO_PADDING, TEXT_PADDING, HFEncoder, pick_device, precision, prepare_frozen
 from emofuse.extract.media import load_audio
@@ -202,7 +209,8 @@ class FairseqConvLayer(torch.nn.Module):
             self.layer_norm = norm
 
 
-def channels_last_feature_encoder(extractor: torch.nn.Module) -> ChannelsLastFeatureEncoder | None:
+def channels_last_feature_encoder(extractor: torch.nn.Module,
+                                  tile_frames: int | None = TILE_FRAMES) -> ChannelsLastFeatureEncoder | None:
     """fairseq's conv feature encoder as a ChannelsLastFeatureEncoder (conv_features.py: the same
     convolutions as matmuls, channels last, in tiles), or None where a block is not one it computes.
     fairseq's blocks are Sequential(conv, dropout, [norm], GELU), the norm a Fp32GroupNorm or
@@ -226,7 +234,7 @@ def channels_last_feature_encoder(extractor: torch.nn.Module) -> ChannelsLastFea
         return None
     convs = torch.nn.Module()
     convs.conv_layers = torch.nn.ModuleList(layers)
-    return ChannelsLastFeatureEncoder(convs)
+    return ChannelsLastFeatureEncoder(convs, tile_frames)
 
 
 class Wav2vec1Features(torch.nn.Module):
@@ -344,7 +352,7 @@ class FairseqEncoder(HFEncoder):
         self.model.eval().requires_grad_(False).to(self.device)
         # As for the hf backend: in bf16 on a CPU fairseq's own forward ran slower than its float32
         # (weights recast on every call, channels-first convs; bench/README.md, "fairseq backend in bf16")
-        self.linear_kernel = prepare_frozen(self.model, AUTOCAST[dtype], self.device)
+        self.linear_kernel, self.float32_convs = prepare_frozen(self.model, AUTOCAST[dtype], self.device)
         self.kind = type(self.model).__name__  # Wav2VecModel | Wav2Vec2Model | HubertModel | RobertaModel
         if is_text:
             self._init_text_model(max_tokens, overlap)
@@ -417,7 +425,7 @@ class FairseqEncoder(HFEncoder):
             if self.kind == "Wav2VecModel":
                 channels_last = Wav2vec1Features.of(fe)
             else:
-                channels_last = channels_last_feature_encoder(fe)
+                channels_last = channels_last_feature_encoder(fe, tile_frames_for(self.device))
                 # fairseq hands its first layer a (T, B, C) transpose of a (B, T, C) tensor. Under
                 # autocast a Linear on that layout cannot fold it into one matrix without a copy, so
                 # torch.matmul runs a batched matmul over T with the weight copied T times: three
@@ -468,6 +476,8 @@ class FairseqEncoder(HFEncoder):
                 spec["padding"] = AUDIO_PADDING
         if self.dtype != "float32":  # float32 stores keep the spec they always had
             spec["linear_kernel"] = self.linear_kernel
+            if self.float32_convs:
+                spec["grouped_convs"] = "float32"
             if self.modality == "audio":
                 spec["feature_encoder"] = self.feature_encoder
         return spec

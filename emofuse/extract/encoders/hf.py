@@ -35,7 +35,11 @@ from emofuse.corpora.base import Utterance
 from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import Encoder, file_sha256, register
 from emofuse.extract.encoders.chunking import chunk_spans, conv_output_length, stitch
-from emofuse.extract.encoders.conv_features import ChannelsLastFeatureEncoder, use_channels_last_feature_encoder
+from emofuse.extract.encoders.conv_features import (
+    ChannelsLastFeatureEncoder,
+    tile_frames_for,
+    use_channels_last_feature_encoder,
+)
 from emofuse.extract.media import load_audio
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -202,18 +206,48 @@ def pack_linears(model: torch.nn.Module) -> int:
     return packed
 
 
-def prepare_frozen(model: torch.nn.Module, autocast_dtype, device: str) -> str:
+class Float32Conv1d(torch.nn.Module):
+    """A frozen grouped Conv1d run in float32 outside autocast, on a GPU. The positional conv of
+    wav2vec2-style models (768 channels, kernel 128, 16 groups) took 12.7 ms in bf16 under cuDNN
+    on an H200 for three 8 s clips, and 1.5 ms in float32 (bench/README.md, "GPU profile")."""
+
+    def __init__(self, conv: torch.nn.Conv1d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias  # float32: before precast_for_autocast
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.conv1d(x.float(), self.weight, self.bias, self.stride, self.padding,
+                                              self.dilation, self.groups)
+
+
+def float32_grouped_convs(model: torch.nn.Module) -> int:
+    """Replace each grouped Conv1d (zero padding) by a Float32Conv1d. Returns how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Conv1d and child.groups > 1 and child.padding_mode == "zeros":
+                setattr(parent, name, Float32Conv1d(child))
+                replaced += 1
+    return replaced
+
+
+def prepare_frozen(model: torch.nn.Module, autocast_dtype, device: str) -> tuple[str, int]:
     """Make a frozen model cheaper to run, in place: weight norm computed once, weights stored in
-    the autocast dtype, bf16 Linear weights packed for oneDNN on a CPU. Only the packing changes
-    the outputs (by bf16 rounding). Returns which kernel the Linear layers run, for the spec."""
+    the autocast dtype, bf16 Linear weights packed for oneDNN on a CPU, grouped convs kept in
+    float32 on a GPU. Only the packing and the float32 convs change the outputs (by bf16
+    rounding). Returns which kernel the Linear layers run and how many convs run in float32, for
+    the spec."""
     freeze_weight_norm(model)
     if autocast_dtype is None:
-        return "aten"
+        return "aten", 0
+    float32_convs = float32_grouped_convs(model) if device.startswith("cuda") else 0
     precast_for_autocast(model, autocast_dtype)
     if device == "cpu" and autocast_dtype == torch.bfloat16 and onednn_packing_works():
         pack_linears(model)
-        return "onednn-packed"
-    return "aten"
+        return "onednn-packed", float32_convs
+    return "aten", float32_convs
 
 
 def precision(autocast_dtype, device: str):
@@ -301,7 +335,7 @@ class HFEncoder(Encoder):
         self.model.eval().to(self.device)
         self.model.requires_grad_(False)
         # which matmul kernel the Linear layers run: part of a bf16 spec
-        self.linear_kernel = prepare_frozen(self.model, DTYPES[dtype], self.device)
+        self.linear_kernel, self.float32_convs = prepare_frozen(self.model, DTYPES[dtype], self.device)
 
         if self.modality == "text":
             self._init_text(folder, max_tokens, overlap)
@@ -363,7 +397,7 @@ class HFEncoder(Encoder):
         # After precast_for_autocast: the matmul copies of the conv weights keep their dtype.
         # Part of the spec: features agree with transformers' convs within float rounding, not
         # bit for bit, so stores written one way are not resumed the other.
-        swapped = use_channels_last_feature_encoder(self.model)
+        swapped = use_channels_last_feature_encoder(self.model, tile_frames_for(self.device))
         self.feature_encoder = self.model.feature_extractor.name if swapped else "transformers"
         # A GroupNorm feature encoder takes padded batches only in our version, which normalises
         # each input over its own samples (valid_samples in _forward_padded).
@@ -441,6 +475,8 @@ class HFEncoder(Encoder):
         }
         if self.dtype != "float32":  # float32 stores keep the spec they always had
             spec["linear_kernel"] = self.linear_kernel
+            if self.float32_convs:
+                spec["grouped_convs"] = "float32"
         if self.modality == "text":
             spec.update(max_tokens=self.max_tokens, overlap=self.overlap, padding=TEXT_PADDING)
         else:
