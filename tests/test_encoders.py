@@ -436,21 +436,25 @@ def test_hf_audio(tiny, tmp_path, variant):
 
 
 def test_masked_audio_batch_is_one_forward_padded_to_its_longest(tiny, tmp_path, monkeypatch):
-    """A batch of clips of different lengths runs as one forward, padded to its longest rounded up
-    to 0.25 s, however large the pipeline's budget made it (a GPU wants few, large forwards):
-    FORWARD_BUDGET only splits off what windows of long inputs add."""
+    """A batch of clips of similar lengths runs as one forward, padded to its longest rounded up to
+    0.25 s, however large the pipeline's budget made it (a GPU wants few, large forwards):
+    FORWARD_BUDGET only splits off what windows of long inputs add. A clip that would make the
+    forward more than MAX_PADDING (10%) padding gets a forward of its own."""
     from emofuse.extract.encoders import hf
 
     enc = build_encoder("audio", {"backend": "hf", "path": tiny["w2v_group"]})
-    items = [enc.prepare(wav_utt(tmp_path, f"u{i}", s, seed=i)) for i, s in enumerate([0.5, 0.83, 1.2, 0.45])]
+    seconds = [2.45, 0.5, 2.4, 2.47, 2.42]
+    items = [enc.prepare(wav_utt(tmp_path, f"u{i}", s, seed=i)) for i, s in enumerate(seconds)]
     forwards = []
     inner = enc._forward_padded
     monkeypatch.setattr(enc, "_forward_padded", lambda inputs, n: forwards.append(([len(x) for x in inputs], n)) or inner(inputs, n))
     monkeypatch.setitem(hf.FORWARD_BUDGET, "audio", 16000)  # below the batch's padded size
     outs = enc.encode(items)
-    assert forwards == [(sorted(len(x) for x in items), 20000)]  # shortest first; 1.2 s -> 1.25 s
+    lengths = sorted(len(x) for x in items)  # shortest first
+    assert forwards == [(lengths[:1], 8000), (lengths[1:], 40000)]  # 0.5 s alone; 2.47 s -> 2.5 s
     for it, out in zip(items, outs):
         assert maxdiff(out, reference_audio_forward(enc, it).last_hidden_state[0].numpy()) < TOL
+    assert hf._split_by_budget([0, 1, 2], [10, 10, 10], 100, real=[10, 9, 4], max_padding=0.2) == [[0, 1], [2]]
 
 
 def test_hf_audio_layers_and_chunking(tiny, tmp_path):

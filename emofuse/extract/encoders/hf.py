@@ -48,11 +48,11 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 # A batch the pipeline formed is never split, whatever its budget (see encode).
 FORWARD_BUDGET = {"text": 8192, "audio": 16000 * 60}
 # Masked audio is padded to the longest input of its forward, rounded up to a multiple of
-# PAD_MULTIPLE samples (0.25 s at 16 kHz); AUDIO_PADDING names that policy in the spec. The
-# pipeline's batches hold inputs of similar length, so one forward per batch pads little (1.4% on
-# 200 clips of 2-15 s) and a GPU gets few, large forwards: each input padded by its own length
-# alone, as before, made 75 forwards of 200 clips on an H200 where ~17 ms of host time per forward
-# (Python, ~440 kernel launches) left the GPU mostly idle (bench/README.md, "GPU profile").
+# PAD_MULTIPLE samples (0.25 s at 16 kHz), and a pipeline batch is one forward unless that would
+# pad more than MAX_PADDING; AUDIO_PADDING names that policy in the spec. Each input padded by its
+# own length alone, as before, made 75 forwards of 200 clips of 2-15 s on an H200, where ~17 ms
+# of host time per forward (Python, ~440 kernel launches) left the GPU mostly idle; one forward
+# per batch made 33, 39 with the cut (bench/README.md, "GPU profile").
 # Text is not padded at all: a forward holds texts (or windows of long texts) of exactly one
 # length. With exact lengths an utterance's features change in the last bits with how many others
 # share its forward (matrix kernels block odd sizes differently: 46 of 4,992 values by 1 ulp in the
@@ -71,7 +71,13 @@ FORWARD_BUDGET = {"text": 8192, "audio": 16000 * 60}
 # 16, no "padding" in their spec) get another fingerprint, so a store never mixes the two.
 PAD_MULTIPLE = {"text": 1, "audio": 4000}
 TEXT_PADDING = "exact"
-AUDIO_PADDING = "longest in forward, multiple of 4000 samples"
+# A forward is cut where padding to its longest would make more than this share of it padding: a
+# pipeline batch from a window of few clips can span seconds (the 25 clips per window of
+# bench/extraction.py's fp32 rows padded 11.7% as one forward each). At the default 60 s budget,
+# on 200 / 100 / 25 clips of 2-15 s in a window, 10% gives 39 / 21 / 10 forwards padding 3.0 / 4.3 /
+# 4.9% in all (33 / 16 / 6 forwards, 3.9 / 5.8 / 11.1% without the cut; 60 / 38 / 16 at 5%).
+MAX_PADDING = 0.10
+AUDIO_PADDING = "longest in forward, multiple of 4000 samples, at most 10% padding"
 
 
 def check_model_folder(path) -> Path:
@@ -266,16 +272,19 @@ def precision(autocast_dtype, device: str):
     return stack
 
 
-def _split_by_budget(items: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+def _split_by_budget(items: list[int], lengths: list[int], budget: int, real: list[int] | None = None,
+                     max_padding: float = 1.0) -> list[list[int]]:
     """`items` in order, in runs whose padded size (longest x count) stays within budget (an item
-    larger than the budget on its own forms a run of one)."""
-    parts, part, longest = [], [], 0
-    for item, n in zip(items, lengths):
-        if part and max(longest, n) * (len(part) + 1) > budget:
+    larger than the budget on its own forms a run of one) and, given the items' real lengths,
+    whose padded share stays within max_padding (one item alone may pad more: its rounding)."""
+    parts, part, longest, total = [], [], 0, 0
+    for item, n, r in zip(items, lengths, real or lengths):
+        padded = max(longest, n) * (len(part) + 1)
+        if part and (padded > budget or total + r < (1 - max_padding) * padded):
             parts.append(part)
-            part, longest = [], 0
+            part, longest, total = [], 0, 0
         part.append(item)
-        longest = max(longest, n)
+        longest, total = max(longest, n), total + r
     return parts + [part] if part else parts
 
 
@@ -558,8 +567,8 @@ class HFEncoder(Encoder):
         """Each input's unpadded (T, D) or (T, L, D) output, in order.
 
         Inputs sorted by length are cut into forwards of at most `budget` padded positions
-        (default FORWARD_BUDGET). Masked audio is padded to the longest of its forward, rounded
-        up (_padded_length); text, and audio models without a mask, share a forward only between
+        (default FORWARD_BUDGET), each at most MAX_PADDING padding. Masked audio is padded to the
+        longest of its forward, rounded up (_padded_length); text, and audio models without a mask, share a forward only between
         inputs of exactly one length. The mask makes padding irrelevant to an input's features
         up to float rounding (within 1e-5 of encoding it alone); which inputs share a forward,
         and so the last bits, depends on the batch alone, which the pipeline's fixed batch plan
@@ -572,7 +581,9 @@ class HFEncoder(Encoder):
         outputs = [None] * len(inputs)
         for _, group in sorted(groups.items()):
             group.sort(key=lambda i: len(inputs[i]))
-            for part in _split_by_budget(group, [self._padded_length(len(inputs[i])) for i in group], budget):
+            lengths = [len(inputs[i]) for i in group]
+            padded = [self._padded_length(n) for n in lengths]
+            for part in _split_by_budget(group, padded, budget, lengths, MAX_PADDING):
                 n = self._padded_length(len(inputs[part[-1]]))
                 for i, out in zip(part, self._forward_padded([inputs[i] for i in part], n)):
                     outputs[i] = out
