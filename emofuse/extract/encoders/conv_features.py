@@ -38,9 +38,9 @@ TILE_FRAMES = 256
 
 
 def tile_frames_for(device: str) -> int | None:
-    """Tiles on a CPU; whole inputs on a GPU, where tiles only add kernel launches: at a batch
-    budget of 960 s, 200 clips of 2-15 s ran at 974 audio s/s without tiles and 745 with them on
-    an H200 (bench/README.md, "GPU profile")."""
+    """Tiles on a CPU; whole inputs on a GPU, where tiles only add kernel launches: 200 clips of
+    2-15 s ran at 1,175 audio s/s without tiles and 973 with them on an H200, in bf16 (bench/README.md,
+    "GPU profile")."""
     return None if device.startswith("cuda") else TILE_FRAMES
 
 
