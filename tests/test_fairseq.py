@@ -350,6 +350,26 @@ def test_bf16_is_as_close_to_float32_as_fairseqs_own_autocast(ckpt, tmp_path, na
             assert error(out[:, k]) < 1.3 * error(t), (name, k, error(out[:, k]), error(t))
 
 
+@pytest.mark.parametrize("name", ["w2v2_layer", "hubert"])
+def test_positional_conv_prepared_for_a_gpu_stays_float32(ckpt, tmp_path, name):
+    """What prepare_frozen does on a GPU in bf16 (hf.Float32Conv1d: cuDNN ran the positional conv
+    13x slower in bf16 than in float32 on an H200) fits fairseq's encoder too: its pos_conv's conv
+    is replaced, and fairseq's own forward under autocast, run here on the CPU, stays about as
+    close to float32 as without the change."""
+    from emofuse.extract.encoders.hf import Float32Conv1d, prepare_frozen
+
+    ref_model, prepared = fairseq_load(ckpt[name]), fairseq_load(ckpt[name])
+    assert prepare_frozen(prepared, torch.bfloat16, "cuda") == ("aten", 1)
+    assert isinstance(prepared.encoder.pos_conv[0], Float32Conv1d)
+    wav = normalised(build_encoder("audio", {"backend": "fairseq", "path": ckpt[name]}), speech_like(0.9, seed=3))
+    ref = fairseq_states(ref_model, wav)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs, ours = fairseq_states(ref_model, wav), fairseq_states(prepared, wav)
+    for k, (r, t, o) in enumerate(zip(ref, theirs, ours)):
+        error = lambda a: float(np.linalg.norm(a - r) / np.linalg.norm(r))  # noqa: E731
+        assert error(o) < 1.1 * error(t), (name, k, error(o), error(t))
+
+
 @pytest.mark.parametrize("name", AUDIO)
 def test_long_audio_is_chunked_and_each_window_equals_fairseq(ckpt, tmp_path, name):
     enc = build_encoder("audio", {"backend": "fairseq", "path": ckpt[name], "chunk_seconds": 0.4, "overlap_seconds": 0.1})
