@@ -350,6 +350,34 @@ def test_bf16_is_as_close_to_float32_as_fairseqs_own_autocast(ckpt, tmp_path, na
             assert error(out[:, k]) < 1.3 * error(t), (name, k, error(out[:, k]), error(t))
 
 
+def test_group_norm_wav2vec2_in_bf16_batches_with_a_mask(ckpt, tmp_path, monkeypatch):
+    """In bf16 a group-norm wav2vec 2.0 runs its convs through conv_features, which takes each
+    input's GroupNorm statistics from its own samples: so it is batched, padded and masked like a
+    layer-norm model (in float32, fairseq's convs see the padding: exact lengths only). Padded in
+    one forward, each clip stays as close to fairseq's float32 forward of it alone as fairseq's own
+    forward under autocast."""
+    from emofuse.extract.encoders.hf import AUDIO_PADDING
+
+    enc = build_encoder("audio", {"backend": "fairseq", "path": ckpt["w2v2_group"], "layer": "all", "dtype": "bfloat16"})
+    assert enc.masked and enc.full_spec()["padding"] == AUDIO_PADDING
+    assert not build_encoder("audio", {"backend": "fairseq", "path": ckpt["w2v2_group"]}).masked
+    forwards = []
+    inner = enc._forward_padded
+    monkeypatch.setattr(enc, "_forward_padded", lambda inputs, n: forwards.append([len(x) for x in inputs]) or inner(inputs, n))
+    items = [enc.prepare(wav_utt(tmp_path, f"g{i}", s, seed=i)) for i, s in enumerate([2.47, 2.3, 2.4])]
+    outs = enc.encode(items)
+    assert len(forwards) == 1 and len(set(forwards[0])) == 3  # one forward of three lengths, padded to 2.5 s
+    ref_model = fairseq_load(ckpt["w2v2_group"])
+    for it, out in zip(items, outs):
+        ref = fairseq_states(ref_model, it)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = fairseq_states(ref_model, it)
+        assert out.shape[:2] == (len(ref[0]), len(ref))
+        for k, (r, t) in enumerate(zip(ref, theirs)):
+            error = lambda a: float(np.linalg.norm(a - r) / np.linalg.norm(r))  # noqa: E731
+            assert error(out[:, k]) < 1.3 * error(t), (k, error(out[:, k]), error(t))
+
+
 @pytest.mark.parametrize("name", ["w2v2_layer", "hubert"])
 def test_positional_conv_prepared_for_a_gpu_stays_float32(ckpt, tmp_path, name):
     """What prepare_frozen does on a GPU in bf16 (hf.Float32Conv1d: cuDNN ran the positional conv

@@ -21,9 +21,11 @@ wav2vec 1.0 has one output, its context vectors.
 
 Windowing and batching are HFEncoder's (long inputs cut into overlapping windows and stitched back;
 see chunking.py). An utterance's features never depend on its batch-mates: RoBERTa and wav2vec 2.0
-models with a layer-norm feature encoder get padded, masked batches; wav2vec 1.0 (group norm over
-time), group-norm wav2vec 2.0 and HuBERT (whose padding mask counts frames differently from the
-conv arithmetic) only share a forward between inputs of exactly the same length.
+models with a layer-norm feature encoder get padded, masked batches, and so do group-norm wav2vec
+2.0 models in bf16/fp16, whose convs run through conv_features (each input normalised over its own
+samples); wav2vec 1.0 (group norm over time), group-norm wav2vec 2.0 in float32 (fairseq's convs)
+and HuBERT (whose padding mask counts frames differently from the conv arithmetic) only share a
+forward between inputs of exactly the same length.
 """
 
 from __future__ import annotations
@@ -415,9 +417,10 @@ class FairseqEncoder(HFEncoder):
                 raise UserError("fairseq encoder: models with crop_seq_to_multiple > 1 are not supported")
             self.n_layers = len(self.model.encoder.layers)
             self.dim = self.model.encoder.embedding_dim
-            # Only wav2vec 2.0 with a per-frame (layer norm) feature encoder takes a padding mask that
-            # matches the conv arithmetic; group norm sees the padding, and HuBERT marks a frame as
-            # padding only when all its samples are.
+            # Only wav2vec 2.0 takes a padding mask that matches the conv arithmetic (HuBERT marks a
+            # frame as padding only when all its samples are), and fairseq's group norm sees the
+            # padding: with its convs, only a layer-norm wav2vec 2.0 is masked (in bf16, below, a
+            # group-norm one too).
             self.masked = self.kind == "Wav2Vec2Model" and self.cfg.model.get("extractor_mode") == "layer_norm"
         self.feature_encoder = "fairseq"
         if AUTOCAST[self.dtype] is not None:  # float32 keeps fairseq's exact path
@@ -437,6 +440,10 @@ class FairseqEncoder(HFEncoder):
             if channels_last is not None:
                 self.model.feature_extractor = channels_last
                 self.feature_encoder = channels_last.name
+            if self.kind == "Wav2Vec2Model" and isinstance(channels_last, ChannelsLastFeatureEncoder):
+                # Ours takes each input's GroupNorm statistics from its own samples (valid_samples in
+                # _forward_padded), so a group-norm wav2vec 2.0 batches with a mask too.
+                self.masked = True
         self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
         self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
         if not 0 <= self.window_overlap < self.window:
@@ -522,7 +529,8 @@ class FairseqEncoder(HFEncoder):
             if self.kind == "Wav2VecModel":  # as fairseq's examples/wav2vec/wav2vec_featurize.py
                 h = self.model.feature_aggregator(self.model.feature_extractor(batch)).transpose(1, 2)
             else:
-                states = self._states(batch, lengths, n)
+                with self._valid_samples(lengths):
+                    states = self._states(batch, lengths, n)
                 h = torch.stack(states, dim=2) if self.layer == "all" else states[self.layer]
             h = h.float().cpu().numpy()
         return self._unpad(h, lengths)
@@ -542,7 +550,7 @@ class FairseqEncoder(HFEncoder):
         hooks = [layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))]
         hooks += [lay.register_forward_hook(lambda module, args, out: seen.append(out[0])) for lay in layers]
         padding_mask = None
-        if min(lengths) < n:  # only ever for masked (layer-norm wav2vec 2.0) models
+        if min(lengths) < n:  # only ever for masked wav2vec 2.0 models
             ends = torch.tensor(lengths, device=batch.device)[:, None]
             padding_mask = torch.arange(n, device=batch.device)[None, :] >= ends  # True on padding
         try:
