@@ -84,8 +84,10 @@ def main(argv=None) -> dict:
     common.quiet_transformers()
     results = {}
     with common.temp_dir(args.tmp, NAME) as tmp:
-        # Two pairs that share a padded length (multiples of 0.25 s), so that "batched" really
-        # pads one input in a forward with another, and one clip alone.
+        # Two pairs of close lengths and one clip alone: each pair is one padded forward (a forward
+        # is cut where it would be more than 10% padding: hf.MAX_PADDING), so "batched" really pads
+        # one input in a forward with another. (Run 3 of 2026-11-27, before that cut, ran all five
+        # in one forward.)
         seconds = [1.6, 1.7, 4.3, 4.4, 7.7]
         clips = common.write_clips(tmp / "clips", len(seconds), 0, 0, seed=3, durations=seconds)
         for name, overrides in [("wav2vec2-base (group norm)", {}), ("layer-norm variant", {"feat_extract_norm": "layer"})]:
