@@ -288,6 +288,7 @@ def main(argv=None) -> dict:
         # --- FLOPs of one step of each side (outside the clock)
         from torch.utils.flop_counter import FlopCounterMode
 
+        common.count_cpu_attention()
         b = batches[1 % len(batches)]
         feats = collate(b, data.features, shapes, normalizer)
         with FlopCounterMode(display=False) as fc:

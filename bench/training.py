@@ -267,6 +267,8 @@ def worker(args) -> dict:
     # if that fails, on the real model for a few of the batches.
     from torch.utils.flop_counter import FlopCounterMode
 
+    common.count_cpu_attention()  # the real-model fallback below runs attention on the CPU
+
     def count(mdl, feats, masks, present, y):
         with FlopCounterMode(display=False) as fc:
             with lower_precision():
