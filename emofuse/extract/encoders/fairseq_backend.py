@@ -20,12 +20,12 @@ models), as transformers' hidden_states. `layer: N` picks one, `layer: all` keep
 wav2vec 1.0 has one output, its context vectors.
 
 Windowing and batching are HFEncoder's (long inputs cut into overlapping windows and stitched back;
-see chunking.py). An utterance's features never depend on its batch-mates: RoBERTa and wav2vec 2.0
-models with a layer-norm feature encoder get padded, masked batches, and so do group-norm wav2vec
-2.0 models in bf16/fp16, whose convs run through conv_features (each input normalised over its own
-samples); wav2vec 1.0 (group norm over time), group-norm wav2vec 2.0 in float32 (fairseq's convs)
-and HuBERT (whose padding mask counts frames differently from the conv arithmetic) only share a
-forward between inputs of exactly the same length.
+see chunking.py). An utterance's features never depend on its batch-mates: RoBERTa, wav2vec 2.0
+and HuBERT get padded, masked batches. The convs of wav2vec 2.0 / HuBERT run through
+conv_features, which normalises each input over its own samples (fairseq's group norm would
+average over the padding), and HuBERT's padding mask is drawn at its frame boundaries
+(FairseqEncoder._padding_mask). wav2vec 1.0 (group norm over time, unmasked aggregator) shares a
+forward only between inputs of exactly the same length.
 """
 
 from __future__ import annotations
@@ -411,39 +411,39 @@ class FairseqEncoder(HFEncoder):
                 raise UserError("fairseq encoder: vq-wav2vec checkpoints are not supported (use wav2vec or wav2vec 2.0)")
             self.n_layers = 0
             self.dim = self._probe_dim()
-            self.masked = False  # GroupNorm(1, C) over the whole time axis sees any padding
         else:
             if getattr(self.model, "crop_seq_to_multiple", 1) != 1:
                 raise UserError("fairseq encoder: models with crop_seq_to_multiple > 1 are not supported")
             self.n_layers = len(self.model.encoder.layers)
             self.dim = self.model.encoder.embedding_dim
-            # Only wav2vec 2.0 takes a padding mask that matches the conv arithmetic (HuBERT marks a
-            # frame as padding only when all its samples are), and fairseq's group norm sees the
-            # padding: with its convs, only a layer-norm wav2vec 2.0 is masked (in bf16, below, a
-            # group-norm one too).
-            self.masked = self.kind == "Wav2Vec2Model" and self.cfg.model.get("extractor_mode") == "layer_norm"
         self.feature_encoder = "fairseq"
-        if AUTOCAST[self.dtype] is not None:  # float32 keeps fairseq's exact path
-            fe = self.model.feature_extractor
-            if self.kind == "Wav2VecModel":
-                channels_last = Wav2vec1Features.of(fe)
-            else:
-                channels_last = channels_last_feature_encoder(fe, tile_frames_for(self.device))
-                # fairseq hands its first layer a (T, B, C) transpose of a (B, T, C) tensor. Under
-                # autocast a Linear on that layout cannot fold it into one matrix without a copy, so
-                # torch.matmul runs a batched matmul over T with the weight copied T times: three
-                # copies of 470 MB in the forward of three 8 s clips at wav2vec2-base size, half the
-                # time of that bf16 forward. A contiguous copy of the input (2 MB) instead. (float32
-                # showed no such cost, and keeps fairseq's exact path.)
-                first = self.model.encoder.layers[0]
-                first.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
-            if channels_last is not None:
-                self.model.feature_extractor = channels_last
-                self.feature_encoder = channels_last.name
-            if self.kind == "Wav2Vec2Model" and isinstance(channels_last, ChannelsLastFeatureEncoder):
-                # Ours takes each input's GroupNorm statistics from its own samples (valid_samples in
-                # _forward_padded), so a group-norm wav2vec 2.0 batches with a mask too.
-                self.masked = True
+        fe = self.model.feature_extractor
+        if self.kind == "Wav2VecModel":
+            channels_last = Wav2vec1Features.of(fe) if AUTOCAST[self.dtype] is not None else None
+        else:
+            # In every dtype: ours takes each input's GroupNorm statistics from its own samples
+            # (valid_samples in _forward_padded), where fairseq's group norm averages over the
+            # padding; in float32 it equals fairseq's convs within float rounding.
+            channels_last = channels_last_feature_encoder(fe, tile_frames_for(self.device))
+        if channels_last is not None:
+            self.model.feature_extractor = channels_last
+            self.feature_encoder = channels_last.name
+        if self.kind != "Wav2VecModel" and AUTOCAST[self.dtype] is not None:
+            # fairseq hands its first layer a (T, B, C) transpose of a (B, T, C) tensor. Under
+            # autocast a Linear on that layout cannot fold it into one matrix without a copy, so
+            # torch.matmul runs a batched matmul over T with the weight copied T times: three
+            # copies of 470 MB in the forward of three 8 s clips at wav2vec2-base size, half the
+            # time of that bf16 forward. A contiguous copy of the input (2 MB) instead. (float32
+            # showed no such cost.)
+            first = self.model.encoder.layers[0]
+            first.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        # Padded, masked batches where padding cannot reach an input's frames: not wav2vec 1.0
+        # (GroupNorm(1, C) over the whole time axis of fairseq's aggregator input, and its
+        # aggregator's convs are not masked); wav2vec 2.0 / HuBERT with our convs, or with
+        # fairseq's where they normalise each frame alone (layer norm). HuBERT's frame mask is
+        # built to match the conv arithmetic (_padding_mask).
+        self.masked = self.kind != "Wav2VecModel" and (
+            isinstance(channels_last, ChannelsLastFeatureEncoder) or self.cfg.model.get("extractor_mode") == "layer_norm")
         self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
         self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
         if not 0 <= self.window_overlap < self.window:
@@ -481,12 +481,12 @@ class FairseqEncoder(HFEncoder):
                         chunk_seconds=self.chunk_seconds, overlap_seconds=self.overlap_seconds)
             if self.masked:  # HFEncoder._forward pads to the longest of each forward
                 spec["padding"] = AUDIO_PADDING
-        if self.dtype != "float32":  # float32 stores keep the spec they always had
+        if self.modality == "audio" and (self.dtype != "float32" or self.feature_encoder != "fairseq"):
+            spec["feature_encoder"] = self.feature_encoder  # float32 wav2vec 1.0 keeps the spec it always had
+        if self.dtype != "float32":
             spec["linear_kernel"] = self.linear_kernel
             if self.float32_convs:
                 spec["grouped_convs"] = "float32"
-            if self.modality == "audio":
-                spec["feature_encoder"] = self.feature_encoder
         return spec
 
     def prepare(self, utt: Utterance) -> np.ndarray:
@@ -549,10 +549,7 @@ class FairseqEncoder(HFEncoder):
         layers = self.model.encoder.layers
         hooks = [layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))]
         hooks += [lay.register_forward_hook(lambda module, args, out: seen.append(out[0])) for lay in layers]
-        padding_mask = None
-        if min(lengths) < n:  # only ever for masked wav2vec 2.0 models
-            ends = torch.tensor(lengths, device=batch.device)[:, None]
-            padding_mask = torch.arange(n, device=batch.device)[None, :] >= ends  # True on padding
+        padding_mask = self._padding_mask(lengths, n).to(batch.device) if min(lengths) < n else None
         try:
             if self.kind == "HubertModel":
                 final, _ = self.model.extract_features(batch, padding_mask=padding_mask, mask=False)
@@ -563,4 +560,19 @@ class FairseqEncoder(HFEncoder):
                 h.remove()
         t = final.shape[1]  # the encoder pads T to a multiple of required_seq_len_multiple inside
         return [s.transpose(0, 1)[:, :t] for s in seen[:-1]] + [final]
+
+    def _padding_mask(self, lengths: list[int], n: int) -> torch.Tensor:
+        """The mask over samples (True on padding) that fairseq's forward takes for inputs of these
+        lengths padded to n samples, drawn so that each input keeps exactly the frames it has alone.
+
+        wav2vec 2.0 turns it into frames with the conv arithmetic, so it marks each input's padding.
+        HuBERT cuts the samples into as many equal runs as there are frames and masks a frame only
+        when its whole run is padding: marking the padding alone would leave an input a frame or two
+        computed from the padding. So for HuBERT the mask starts at the run after the input's last
+        frame."""
+        ends = lengths
+        if self.kind == "HubertModel":
+            run = n // conv_output_length(n, self.kernels, self.strides)  # HuBERT drops the n % frames samples left over
+            ends = [conv_output_length(m, self.kernels, self.strides) * run for m in lengths]
+        return torch.arange(n)[None, :] >= torch.tensor(ends)[:, None]
 
