@@ -197,6 +197,12 @@ def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
                 rows_spec.append(("pipeline, F.linear (not packed)", "bfloat16", 1, pipeline(folder, "bfloat16")))
             finally:
                 hf.onednn_packing_works = packing_works
+            # ... and with packed linears but each feed-forward GELU a separate pass (before fuse_gelu)
+            fusing, hf.fuse_gelu = hf.fuse_gelu, lambda model: 0
+            try:
+                rows_spec.append(("pipeline, GELU not fused", "bfloat16", 1, pipeline(folder, "bfloat16")))
+            finally:
+                hf.fuse_gelu = fusing
             rows_spec.append(("pipeline, 2 processes x 1 thread", "bfloat16", 1, pipeline_processes(folder, "bfloat16", 2)))
         if not args.quick and not args.no_layernorm:
             # The same size with a layer-norm feature encoder (wav2vec2-large-lv60 style).
@@ -352,6 +358,9 @@ def main(argv=None) -> dict:
     unpacked = next((r for r in w_rows if r["path"].startswith("pipeline, F.linear")), None)
     if bf16 and unpacked:
         data["packed_linears_speedup"] = bf16["media_s_per_s"] / unpacked["media_s_per_s"]
+    unfused = next((r for r in w_rows if r["path"] == "pipeline, GELU not fused"), None)
+    if bf16 and unfused:
+        data["fused_gelu_speedup"] = bf16["media_s_per_s"] / unfused["media_s_per_s"]
     path = common.write_result(NAME, data, args.out)
 
     headers = ["encoder", "path", "dtype", "clips", "media s", "media s/s", "matmul GFLOP/s", "FLOP limit s/s", "of limit",
@@ -379,6 +388,8 @@ def main(argv=None) -> dict:
                   f"naive loop ({'met' if t['met_ratio_processes'] else 'MISSED'})")
     if "packed_linears_speedup" in data:
         print(f"packed linears: the bf16 pipeline ran {data['packed_linears_speedup']:.2f}x its speed with F.linear")
+    if "fused_gelu_speedup" in data:
+        print(f"fused GELU: the bf16 pipeline ran {data['fused_gelu_speedup']:.2f}x its speed with separate GELUs")
     print(f"wrote {path}")
     return data
 

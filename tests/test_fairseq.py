@@ -265,6 +265,22 @@ def fairseq_states(model, wav):
         return [s.float().numpy() for s in states]  # float: under autocast some are bf16
 
 
+def packed_kernel(fused_gelus: int, model) -> str:
+    """The linear_kernel a bf16 CPU encoder should report, after checking that its model's first
+    feed-forward Linears apply fairseq's exact GELU themselves (hf.fuse_gelu) where oneDNN packs."""
+    from emofuse.extract.encoders.hf import PackedLinear, onednn_packing_works
+
+    if not onednn_packing_works():
+        return "aten"
+    fused = [m for m in model.modules() if isinstance(m, PackedLinear) and m.activation == "gelu"]
+    assert len(fused) == fused_gelus
+    from fairseq.modules.gelu import gelu
+
+    # the feed-forward blocks' separate GELUs are gone (RoBERTa's unused LM head keeps its own)
+    assert not any(hasattr(m, "fc1") and m.activation_fn is gelu for m in model.modules())
+    return "onednn-packed, fused GELU" if fused_gelus else "onednn-packed"
+
+
 def normalised(enc, wav):
     return torch.nn.functional.layer_norm(torch.from_numpy(wav), wav.shape).numpy() if enc.normalize else wav
 
@@ -333,7 +349,8 @@ def test_bf16_is_as_close_to_float32_as_fairseqs_own_autocast(ckpt, tmp_path, na
     spec = enc.full_spec()
     tiled = "channels-last-matmul, tiles of 256 frames"
     assert spec["feature_encoder"] == ("channels-last-matmul, whole" if name == "wav2vec1" else tiled)
-    assert spec["linear_kernel"] == enc.linear_kernel
+    assert spec["linear_kernel"] == enc.linear_kernel == packed_kernel(fused_gelus=0 if name == "wav2vec1" else 2,
+                                                                        model=enc.model)
     f32_spec = build_encoder("audio", {"backend": "fairseq", "path": ckpt[name]}).full_spec()
     assert "linear_kernel" not in f32_spec
     assert f32_spec.get("feature_encoder") == (None if name == "wav2vec1" else tiled)
@@ -497,6 +514,7 @@ def test_roberta_bf16_is_as_close_to_float32_as_fairseqs_own_autocast(roberta, h
     """bf16 RoBERTa with its weights cast once (and packed for oneDNN where the CPU can)."""
     enc = build_encoder("text", {"backend": "fairseq", "path": roberta, "layer": "all", "dtype": "bfloat16"})
     assert enc.full_spec()["linear_kernel"] == enc.linear_kernel and "feature_encoder" not in enc.full_spec()
+    assert enc.linear_kernel == packed_kernel(fused_gelus=2, model=enc.model)
     for text in TEXTS:
         tokens = hub.encode(text)
         out = enc.encode([enc.prepare(Utterance(id="t", text=text))])[0]

@@ -131,14 +131,18 @@ class ChannelsLastFeatureEncoder(nn.Module):
         return h
 
 
-def activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """activation(x), in place when it is exact GELU (transformers' GELUActivation or nn.GELU): x is
-    always a fresh conv output here, and these are the largest tensors of the model (512 x 3,200 per
-    second of audio after the first conv). A new output for each cost a pass of page faults: in
-    place, a bf16 wav2vec2-base forward on 2 CPU cores ran 1.06x faster (paired A/B), bit-identical."""
-    exact_gelu = getattr(activation, "act", None) is nn.functional.gelu or (
+def is_exact_gelu(activation) -> bool:
+    """Whether a module is the exact (erf) GELU: transformers' GELUActivation or nn.GELU."""
+    return getattr(activation, "act", None) is nn.functional.gelu or (
         type(activation) is nn.GELU and activation.approximate == "none")
-    return torch.ops.aten.gelu_(x) if exact_gelu else activation(x)
+
+
+def activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """activation(x), in place when it is exact GELU: x is always a fresh conv output here, and
+    these are the largest tensors of the model (512 x 3,200 per second of audio after the first
+    conv). A new output for each cost a pass of page faults: in place, a bf16 wav2vec2-base forward
+    on 2 CPU cores ran 1.06x faster (paired A/B), bit-identical."""
+    return torch.ops.aten.gelu_(x) if is_exact_gelu(activation) else activation(x)
 
 
 def supported_layer(layer: nn.Module) -> bool:

@@ -52,7 +52,17 @@ from emofuse.extract.encoders.conv_features import (
     tile_frames_for,
 )
 from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
-from emofuse.extract.encoders.hf import AUDIO_PADDING, TEXT_PADDING, HFEncoder, pick_device, precision, prepare_frozen
+from emofuse.extract.encoders.hf import (
+    AUDIO_PADDING,
+    PACKED,
+    PACKED_FUSED_GELU,
+    TEXT_PADDING,
+    HFEncoder,
+    fuse_gelu,
+    pick_device,
+    precision,
+    prepare_frozen,
+)
 from emofuse.extract.media import load_audio
 
 INSTALL_HINT = "pip install emofuse[fairseq] (see README)"
@@ -198,6 +208,14 @@ def model_class(name: str | None, path):
             f"(pre-trained, not fine-tuned CTC checkpoints) and roberta"
         )
     return model_cls
+
+
+def is_fairseq_gelu(activation) -> bool:
+    """Whether a fairseq layer's activation_fn is its exact GELU (fairseq.modules.gelu.gelu: erf, in
+    float32), not gelu_accurate (tanh) or another function."""
+    from fairseq.modules.gelu import gelu
+
+    return activation is gelu
 
 
 class FairseqConvLayer(torch.nn.Module):
@@ -359,6 +377,8 @@ class FairseqEncoder(HFEncoder):
         # As for the hf backend: in bf16 on a CPU fairseq's own forward ran slower than its float32
         # (weights recast on every call, channels-first convs; bench/README.md, "fairseq backend in bf16")
         self.linear_kernel, self.float32_convs = prepare_frozen(self.model, AUTOCAST[dtype], self.device)
+        if self.linear_kernel == PACKED and fuse_gelu(self.model, [("fc1", "activation_fn")], is_fairseq_gelu):
+            self.linear_kernel = PACKED_FUSED_GELU  # fairseq's transformer layers name their FFN otherwise
         self.kind = type(self.model).__name__  # Wav2VecModel | Wav2Vec2Model | HubertModel | RobertaModel
         if is_text:
             self._init_text_model(max_tokens, overlap)
