@@ -649,6 +649,27 @@ def audio_models():
     yield "data2vec-audio", Data2VecAudioModel(Data2VecAudioConfig(**sizes))  # layer norm in every conv layer
 
 
+@pytest.mark.parametrize("groups", ["one per channel", "one of all channels"])
+def test_group_norm_folded_into_the_first_conv_equals_torch(groups):
+    """channel_norm computes GroupNorm(conv(x)) as one matmul with scaled weights, from the statistics
+    of the conv's windows: per channel (wav2vec2's first layer) or pooled over all channels
+    (wav2vec 1.0's). In float32 it equals conv1d + group_norm; the input's offset spreads the channel
+    means apart, which the pooled variance must count, and only the first n samples are the input's."""
+    from emofuse.extract.encoders.conv_features import channel_norm, flat_weight
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(1, 24, kernel_size=10, stride=5, bias=groups == "one of all channels").requires_grad_(False)
+    norm = torch.nn.GroupNorm(24 if groups == "one per channel" else 1, 24).requires_grad_(False)
+    norm.weight.uniform_(0.5, 1.5)
+    norm.bias.normal_()
+    x = torch.randn(4000) * 0.3 + 0.8
+    n = 3210  # the rest stands for padding, which must not count
+    want = torch.nn.functional.group_norm(conv(x[None, None, :n]), norm.num_groups, norm.weight, norm.bias, norm.eps)[0].T
+    got = channel_norm(x[:, None], n, conv, flat_weight(conv), norm)(x[:n, None])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_channels_last_feature_encoder_equals_transformers():
     """Every conv as one matmul, channels last, and the first layer's GroupNorm folded into it,
     equal transformers' convolutions in float32 (a batch of two, with a DC offset in one input so

@@ -201,8 +201,9 @@ def strided_conv(x: torch.Tensor, conv: nn.Conv1d, w: torch.Tensor) -> torch.Ten
 
 
 def channel_norm(x: torch.Tensor, n: int, conv: nn.Conv1d, w: torch.Tensor, norm: nn.GroupNorm):
-    """GroupNorm (one group per channel) of conv(x), as a matmul with per-channel scaled weights:
-    returns the function that computes it on any span of x's samples (windows aligned with x's).
+    """GroupNorm (one group per channel, or one group of all channels) of conv(x), as a matmul with
+    per-channel scaled weights: returns the function that computes it on any span of x's samples
+    (windows aligned with x's).
 
     The conv is linear in its windows X (T_out, K): y = X @ W + b. So each channel's mean over
     time is mean(X) @ W + b, and with the windows centred, Xc = X - mean(X), the norm is
@@ -219,11 +220,18 @@ def channel_norm(x: torch.Tensor, n: int, conv: nn.Conv1d, w: torch.Tensor, norm
     dtype = w.dtype
     w = w.double()
     real = windows(x[:n].double(), k, s)
-    mean = real.mean(0)  # the conv bias cancels against the channel mean
+    mean = real.mean(0)
     centered = real - mean
-    var = ((centered.T @ centered / len(real)) @ w * w).sum(0)  # diag(W' Cov W)
+    var = ((centered.T @ centered / len(real)) @ w * w).sum(0)  # diag(W' Cov W): each channel's over time
+    offset = 0.0  # one group per channel: the conv bias cancels against the channel mean
+    if norm.num_groups == 1:
+        # One group of all channels (wav2vec 1.0): its variance adds the spread of the channel means
+        # around their average, and each channel keeps its mean's offset from that average.
+        channel_mean = mean @ w + (conv.bias.double() if conv.bias is not None else 0.0)
+        offset = channel_mean - channel_mean.mean()
+        var = (var + offset**2).mean()
     scale = norm.weight.double() * torch.rsqrt(var + norm.eps)
-    scaled, beta = (w * scale).to(dtype), norm.bias.to(dtype)
+    scaled, beta = (w * scale).to(dtype), (norm.bias.double() + offset * scale).to(dtype)
     return lambda span: torch.addmm(beta, (windows(span.double(), k, s) - mean).to(dtype), scaled)
 
 

@@ -44,8 +44,10 @@ from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import file_sha256, register
 from emofuse.extract.encoders.chunking import conv_output_length
 from emofuse.extract.encoders.conv_features import (
+    MAX_NORM_WINDOW,
     TILE_FRAMES,
     ChannelsLastFeatureEncoder,
+    channel_norm,
     flat_weight,
     strided_conv,
     supported_layer,
@@ -294,8 +296,14 @@ class Wav2vec1Features(torch.nn.Module):
 
     def one(self, x: torch.Tensor) -> torch.Tensor:
         h = x[:, None]  # (samples, 1)
-        for block, w in zip(self.fe.conv_layers, self.flat_weights):
+        for i, (block, w) in enumerate(zip(self.fe.conv_layers, self.flat_weights)):
             conv, norm = block[0], block[2]
+            if i == 0 and conv.kernel_size[0] * conv.in_channels <= MAX_NORM_WINDOW:
+                # The first layer's norm folded into its conv from the statistics of its 10-sample
+                # windows (channel_norm): no pass over its 512 x 3,200-per-second output but the one
+                # that writes it.
+                h = channel_norm(h, len(h), conv, w, norm)(h).relu_()
+                continue
             h = strided_conv(h, conv, w)
             # As fairseq's Fp32GroupNorm: statistics of the float32 copy of the layer's output, the
             # affine map in float32, rounded once. torch sums float32 pairwise (~1e-8 relative
