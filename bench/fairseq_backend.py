@@ -140,6 +140,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per row (median)")
     p.add_argument("--clips", type=int, default=30, help="clips of 2-15 s for the pipeline rows")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the pipeline rows")
+    p.add_argument("--no-pipeline", action="store_true", help="the forward rows only (~1.5 min)")
     args = p.parse_args(argv)
     import numpy as np
 
@@ -185,9 +186,11 @@ def main(argv=None) -> dict:
         for dtype in ("bfloat16", "float32"):
             row("wav2vec 1.0 large", "emofuse fairseq backend", dtype, FairseqEncoder(w2v1, dtype=dtype, device="cpu"))
 
-        hubert = str(hubert_checkpoint(tmp / "hubert_base.pt"))
-        pipeline = pipeline_rows(tmp, {"wav2vec 2.0 base": w2v2, "HuBERT base": hubert},
-                                 4 if args.quick else args.clips, 1 if args.quick else args.rounds)
+        pipeline = []
+        if not args.no_pipeline:
+            hubert = str(hubert_checkpoint(tmp / "hubert_base.pt"))
+            pipeline = pipeline_rows(tmp, {"wav2vec 2.0 base": w2v2, "HuBERT base": hubert},
+                                     4 if args.quick else args.clips, 1 if args.quick else args.rounds)
 
     for r in rows:  # against the "before" row of its model
         r["speedup_vs_before"] = next(b["seconds"] for b in rows if b["model"] == r["model"]) / r["seconds"]
@@ -196,12 +199,13 @@ def main(argv=None) -> dict:
           f"{r['speedup_vs_before']:.2f}x"] for r in rows],
         ["model", "path", "dtype", "s per forward", "audio s/s", "vs before"],
         f"fairseq backend on the CPU ({threads['threads']} threads; three {seconds:.0f} s clips per forward)"))
-    print(common.table(
-        [[r["model"], r["dtype"], r["path"], r["feature_encoder"], " / ".join(f"{x:.1f}" for x in r["audio_per_s"]),
-          r["forwards"], f"{100 * (r['padding_fraction'] or 0):.1f}%",
-          " / ".join(f"{x:.2f}x" for x in r.get("speedup_per_round", []))] for r in pipeline],
-        ["model", "dtype", "path", "feature encoder", "audio s/s (rounds)", "forwards", "padding", "now vs before"],
-        f"whole extraction, {pipeline[0]['clips']} clips of 2-15 s ({pipeline[0]['audio_s']:.0f} s of audio)"))
+    if pipeline:
+        print(common.table(
+            [[r["model"], r["dtype"], r["path"], r["feature_encoder"], " / ".join(f"{x:.1f}" for x in r["audio_per_s"]),
+              r["forwards"], f"{100 * (r['padding_fraction'] or 0):.1f}%",
+              " / ".join(f"{x:.2f}x" for x in r.get("speedup_per_round", []))] for r in pipeline],
+            ["model", "dtype", "path", "feature encoder", "audio s/s (rounds)", "forwards", "padding", "now vs before"],
+            f"whole extraction, {pipeline[0]['clips']} clips of 2-15 s ({pipeline[0]['audio_s']:.0f} s of audio)"))
     result = {"benchmark": NAME, "machine": common.machine(), "quick": args.quick, "threads": threads,
               "clips": 3, "clip_seconds": seconds, "repeats": repeats, "rows": rows, "pipeline_rows": pipeline}
     common.log(f"wrote {common.write_result(NAME, result, args.out)}")
