@@ -262,11 +262,12 @@ def channels_last_feature_encoder(extractor: torch.nn.Module,
 class Wav2vec1Features(torch.nn.Module):
     """wav2vec 1.0's conv feature extractor (fairseq's wav2vec.ConvFeatureExtractionModel), channels
     last: (B, samples) -> (B, C, frames). Each conv is matmuls over strided views (strided_conv), as
-    in conv_features.py; each GroupNorm(1, C) takes one mean and variance of the layer's whole
-    (T, C) output, from float32 sums, and is applied as a per-channel multiply-add in float32,
-    rounded once as fairseq's Fp32GroupNorm rounds. fairseq's own convs run channels first through oneDNN, which
-    reordered the 512 x 3,200-per-second activations around every layer in bf16 (bench/README.md,
-    "fairseq backend in bf16"). Not tiled: a layer's norm needs all of its output first."""
+    in conv_features.py. The first layer's GroupNorm(1, C) is folded into its conv (channel_norm);
+    each later one takes one mean and variance of the layer's whole (T, C) output, from float32
+    sums, and is applied as a per-channel multiply-add in float32, rounded once as fairseq's
+    Fp32GroupNorm rounds. fairseq's own convs run channels first through oneDNN, which reordered the
+    512 x 3,200-per-second activations around every layer in bf16 (bench/README.md, "fairseq backend
+    in bf16"). Not tiled: a layer's norm needs all of its output first."""
 
     name = "channels-last-matmul, whole"  # for the spec
 

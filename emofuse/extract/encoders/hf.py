@@ -230,10 +230,13 @@ FEED_FORWARD_NAMES = (("intermediate_dense", "intermediate_act_fn"), ("dense", "
 def fuse_gelu(model: torch.nn.Module, names=FEED_FORWARD_NAMES, is_gelu=is_exact_gelu) -> int:
     """Let each PackedLinear that an exact GELU follows in a feed-forward block apply that GELU
     itself, and drop the separate GELU. Returns how many. names: the blocks' (Linear, activation)
-    attribute names; is_gelu: whether an activation is the exact GELU. The separate GELU was a pass over the
-    block's widest activations (4x the model width) on a machine where such passes are memory-bound;
-    fused, a bf16 wav2vec2-base forward on 2 CPU cores ran 1.14x faster (bench/README.md, "fused
-    GELU"), and one rounding to bf16 fewer brings it slightly closer to float32."""
+    attribute names; is_gelu: whether an activation is the exact GELU.
+
+    The separate GELU was a pass over the block's widest activations (4x the model width). Fused, a
+    bf16 wav2vec2-base forward repeated on 2 CPU cores ran 1.04-1.07x faster and Emo-DB through the
+    pipeline 0.99-1.07x; but oneDNN takes longer to build the fused kernel for a new batch shape, and
+    over 200 clips of 2-15 s, where nearly every forward has a new shape, it ran 0.96x (bench/README.md,
+    session 12). One rounding to bf16 fewer brings it slightly closer to float32."""
     fused = 0
     for module in model.modules():
         for linear_name, act_name in names:
