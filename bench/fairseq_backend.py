@@ -9,10 +9,11 @@ same batch (three 8 s clips of one length) through:
   - the `hf` backend at the same size in bf16, for reference;
 and wav2vec 1.0 at the size of the paper's wav2vec_large.pt the same way (in bf16 its convs run as
 Wav2vec1Features). Then the whole extraction (decode, encode, write) of clips of 2-15 s for a
-group-norm wav2vec 2.0 base and a HuBERT base, as they run now (padded, masked batches) and as
-before (one exact length per forward; in float32, fairseq's convs), in interleaved rounds.
+group-norm wav2vec 2.0 base, a HuBERT base and wav2vec 1.0 large, as they run now (padded, masked
+batches) and as before (one exact length per forward; in float32, fairseq's convs), in interleaved
+rounds.
 Random weights in checkpoints saved as fairseq loads them (the FLOPs are the real models'). Needs
-the fairseq extra (`make setup-fairseq`); not part of `make bench` (~6 min).
+the fairseq extra (`make setup-fairseq`); not part of `make bench` (~7 min).
 Results: results/fairseq_backend.json.
 """
 
@@ -76,8 +77,9 @@ def hubert_checkpoint(path: Path) -> Path:
 
 
 def as_before_masking(encoder, fairseq_convs: bool):
-    """The encoder as it ran before group-norm wav2vec 2.0 / HuBERT took padded batches in every
-    dtype (2026-11-27): inputs of one exact length per forward, and in float32 fairseq's own convs."""
+    """The encoder as it ran before wav2vec 2.0 / HuBERT / wav2vec 1.0 took padded batches in every
+    dtype (2026-11-27): inputs of one exact length per forward, and with fairseq_convs fairseq's own
+    conv feature extractor (float32 ran it then)."""
     from emofuse.extract.encoders.fairseq_backend import build_fairseq_model, read_checkpoint
 
     encoder.masked = False
@@ -101,7 +103,8 @@ def pipeline_rows(tmp: Path, checkpoints: dict, n_clips: int, rounds: int) -> li
     audio = sum(d for _, d in clips)
     budget = 16000 * 60  # the config default
     rows = []
-    for model, dtype in [("wav2vec 2.0 base", "float32"), ("HuBERT base", "float32"), ("HuBERT base", "bfloat16")]:
+    for model, dtype in [("wav2vec 2.0 base", "float32"), ("HuBERT base", "float32"), ("HuBERT base", "bfloat16"),
+                         ("wav2vec 1.0 large", "float32"), ("wav2vec 1.0 large", "bfloat16")]:
         path = checkpoints[model]
         encoders = {"now": FairseqEncoder(path, dtype=dtype, device="cpu"),
                     "before": as_before_masking(FairseqEncoder(path, dtype=dtype, device="cpu"), dtype == "float32")}
@@ -164,8 +167,9 @@ def main(argv=None) -> dict:
 
     with common.temp_dir(args.tmp, NAME) as tmp:
         w2v2 = str(fairseq_checkpoint(tmp / "wav2vec2_base.pt", "wav2vec2"))
-        before = FairseqEncoder(w2v2, dtype="float32", device="cpu")
-        before.dtype = "bfloat16"  # fairseq's own model, run under the autocast of a bf16 spec
+        # fairseq's own model (its convs too, which float32 no longer runs), under a bf16 spec's autocast
+        before = as_before_masking(FairseqEncoder(w2v2, dtype="float32", device="cpu"), fairseq_convs=True)
+        before.dtype = "bfloat16"
         row("wav2vec 2.0 base", "fairseq's forward under autocast (before)", "bfloat16", before)
         del before
         row("wav2vec 2.0 base", "emofuse fairseq backend", "bfloat16", FairseqEncoder(w2v2, dtype="bfloat16", device="cpu"))
@@ -179,7 +183,7 @@ def main(argv=None) -> dict:
                      skip_connections_agg=True, residual_scale=0.5, log_compression=True, prediction_steps=12,
                      infonce=False)  # a criterion setting the config would otherwise look up
         w2v1 = str(fairseq_checkpoint(tmp / "wav2vec_large.pt", "wav2vec", **large))
-        before = FairseqEncoder(w2v1, dtype="float32", device="cpu")
+        before = as_before_masking(FairseqEncoder(w2v1, dtype="float32", device="cpu"), fairseq_convs=True)
         before.dtype = "bfloat16"
         row("wav2vec 1.0 large", "fairseq's forward under autocast (before)", "bfloat16", before)
         del before
@@ -189,7 +193,7 @@ def main(argv=None) -> dict:
         pipeline = []
         if not args.no_pipeline:
             hubert = str(hubert_checkpoint(tmp / "hubert_base.pt"))
-            pipeline = pipeline_rows(tmp, {"wav2vec 2.0 base": w2v2, "HuBERT base": hubert},
+            pipeline = pipeline_rows(tmp, {"wav2vec 2.0 base": w2v2, "HuBERT base": hubert, "wav2vec 1.0 large": w2v1},
                                      4 if args.quick else args.clips, 1 if args.quick else args.rounds)
 
     for r in rows:  # against the "before" row of its model

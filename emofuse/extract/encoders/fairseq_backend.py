@@ -20,18 +20,21 @@ models), as transformers' hidden_states. `layer: N` picks one, `layer: all` keep
 wav2vec 1.0 has one output, its context vectors.
 
 Windowing and batching are HFEncoder's (long inputs cut into overlapping windows and stitched back;
-see chunking.py). An utterance's features never depend on its batch-mates: RoBERTa, wav2vec 2.0
-and HuBERT get padded, masked batches. The convs of wav2vec 2.0 / HuBERT run through
+see chunking.py). An utterance's features never depend on its batch-mates: RoBERTa, wav2vec 2.0,
+HuBERT and wav2vec 1.0 get padded, masked batches. The convs of wav2vec 2.0 / HuBERT run through
 conv_features, which normalises each input over its own samples (fairseq's group norm would
 average over the padding), and HuBERT's padding mask is drawn at its frame boundaries
-(FairseqEncoder._padding_mask). wav2vec 1.0 (group norm over time, unmasked aggregator) shares a
-forward only between inputs of exactly the same length.
+(FairseqEncoder._padding_mask). wav2vec 1.0's features are computed for each input alone
+(Wav2vec1Features), and its aggregator, whose convs are causal, gets norms that take each input's
+statistics from its own frames (MaskedGroupNorm). Checkpoints of other layouts keep fairseq's
+modules and share a forward only between inputs of exactly one length.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -259,6 +262,59 @@ def channels_last_feature_encoder(extractor: torch.nn.Module,
     return ChannelsLastFeatureEncoder(convs, tile_frames)
 
 
+class FrameLengths:
+    """Each input's real frame count in the padded batch being encoded (None: every frame is real),
+    shared by wav2vec 1.0's feature extractor and its aggregator's norms. A plain object, not a
+    module, so that the model's module tree stays a tree."""
+
+    lengths: list[int] | None = None
+
+
+class MaskedGroupNorm(torch.nn.Module):
+    """fairseq's Fp32GroupNorm(1, C) of wav2vec 1.0's aggregator, (B, C, T) -> (B, C, T), with each
+    input's mean and variance taken over its own real frames (frames.lengths) of a padded batch. The
+    aggregator's convs are causal (padded on the left), so the padding after an input's frames
+    reaches them only through these statistics; without padding it is fairseq's own norm."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, frames: FrameLengths):
+        super().__init__()
+        self.norm, self.frames = norm, frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = self.frames.lengths
+        if lengths is None or min(lengths) == x.shape[2]:
+            return self.norm(x)
+        x32 = x.float()
+        n = torch.tensor(lengths, device=x.device)
+        real = (torch.arange(x.shape[2], device=x.device)[None, :] < n[:, None])[:, None, :]  # (B, 1, T)
+        count = (n * x.shape[1]).float()[:, None, None]
+        mean = (x32 * real).sum((1, 2), keepdim=True) / count
+        centered = x32 - mean
+        var = (centered.square() * real).sum((1, 2), keepdim=True) / count
+        y = centered * torch.rsqrt(var + self.norm.eps)
+        if self.norm.affine:
+            y = y * self.norm.weight.float()[None, :, None] + self.norm.bias.float()[None, :, None]
+        return y.type_as(x)
+
+
+def mask_aggregator_norms(aggregator: torch.nn.Module, frames: FrameLengths) -> bool:
+    """Give wav2vec 1.0's conv aggregator (fairseq's ConvAggegator: blocks Sequential(causal pad,
+    conv of stride 1, dropout, GroupNorm(1, C), activation)) norms that take each input's statistics
+    from its own frames, in place. Returns False, changing nothing, for any other aggregator."""
+    blocks = getattr(aggregator, "conv_layers", None)
+    if type(aggregator).__name__ != "ConvAggegator" or blocks is None:
+        return False
+    for block in blocks:
+        parts = list(block) if isinstance(block, torch.nn.Sequential) else []
+        if (len(parts) != 5 or not isinstance(parts[1], torch.nn.Conv1d) or parts[1].stride != (1,)
+                or parts[1].padding != (0,) or not isinstance(parts[3], torch.nn.GroupNorm) or parts[3].num_groups != 1
+                or getattr(parts[0], "padding", (None, 0))[1] != 0):  # left padding only: causal
+            return False
+    for block in blocks:
+        block[3] = MaskedGroupNorm(block[3], frames)
+    return True
+
+
 class Wav2vec1Features(torch.nn.Module):
     """wav2vec 1.0's conv feature extractor (fairseq's wav2vec.ConvFeatureExtractionModel), channels
     last: (B, samples) -> (B, C, frames). Each conv is matmuls over strided views (strided_conv), as
@@ -275,6 +331,22 @@ class Wav2vec1Features(torch.nn.Module):
         super().__init__()
         self.fe = extractor
         self.flat_weights = [flat_weight(block[0]) for block in extractor.conv_layers]
+        self.kernels = [block[0].kernel_size[0] for block in extractor.conv_layers]
+        self.strides = [block[0].stride[0] for block in extractor.conv_layers]
+        self.lengths = None  # see valid_samples()
+        self.frames = FrameLengths()  # shared with the aggregator's norms (MaskedGroupNorm)
+
+    @contextlib.contextmanager
+    def valid_samples(self, lengths: list[int]):
+        """Within this context input i of a zero-padded batch is its first lengths[i] samples: its
+        frames are computed from those alone, and the aggregator's norms (MaskedGroupNorm) take
+        their statistics from its real frames only. The padding's frames are zeros."""
+        self.lengths = list(lengths)
+        self.frames.lengths = [conv_output_length(n, self.kernels, self.strides) for n in lengths]
+        try:
+            yield
+        finally:
+            self.lengths = self.frames.lengths = None
 
     @classmethod
     def of(cls, extractor: torch.nn.Module) -> Wav2vec1Features | None:
@@ -293,7 +365,13 @@ class Wav2vec1Features(torch.nn.Module):
         return cls(extractor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.one(x_b) for x_b in x]).transpose(1, 2)
+        lengths = self.lengths or [x.shape[1]] * len(x)
+        outs = [self.one(x_b[:n]) for x_b, n in zip(x, lengths)]
+        frames = conv_output_length(x.shape[1], self.kernels, self.strides)
+        out = outs[0].new_zeros(len(outs), frames, outs[0].shape[1])
+        for out_b, o in zip(out, outs):
+            out_b[: len(o)] = o
+        return out.transpose(1, 2)
 
     def one(self, x: torch.Tensor) -> torch.Tensor:
         h = x[:, None]  # (samples, 1)
@@ -452,7 +530,7 @@ class FairseqEncoder(HFEncoder):
         self.feature_encoder = "fairseq"
         fe = self.model.feature_extractor
         if self.kind == "Wav2VecModel":
-            channels_last = Wav2vec1Features.of(fe) if AUTOCAST[self.dtype] is not None else None
+            channels_last = Wav2vec1Features.of(fe)
         else:
             # In every dtype: ours takes each input's GroupNorm statistics from its own samples
             # (valid_samples in _forward_padded), where fairseq's group norm averages over the
@@ -470,13 +548,17 @@ class FairseqEncoder(HFEncoder):
             # showed no such cost.)
             first = self.model.encoder.layers[0]
             first.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
-        # Padded, masked batches where padding cannot reach an input's frames: not wav2vec 1.0
-        # (GroupNorm(1, C) over the whole time axis of fairseq's aggregator input, and its
-        # aggregator's convs are not masked); wav2vec 2.0 / HuBERT with our convs, or with
-        # fairseq's where they normalise each frame alone (layer norm). HuBERT's frame mask is
-        # built to match the conv arithmetic (_padding_mask).
-        self.masked = self.kind != "Wav2VecModel" and (
-            isinstance(channels_last, ChannelsLastFeatureEncoder) or self.cfg.model.get("extractor_mode") == "layer_norm")
+        # Padded, masked batches where padding cannot reach an input's frames: wav2vec 2.0 / HuBERT
+        # with our convs, or with fairseq's where they normalise each frame alone (layer norm), and
+        # HuBERT's frame mask built to match the conv arithmetic (_padding_mask); wav2vec 1.0 with
+        # ours, each input's frames computed alone, and its aggregator's norms masked (its convs
+        # are causal). Otherwise only inputs of exactly one length share a forward.
+        if self.kind == "Wav2VecModel":
+            self.masked = isinstance(channels_last, Wav2vec1Features) and mask_aggregator_norms(
+                self.model.feature_aggregator, channels_last.frames)
+        else:
+            self.masked = isinstance(channels_last, ChannelsLastFeatureEncoder) or (
+                self.cfg.model.get("extractor_mode") == "layer_norm")
         self.window = max(1, round(chunk_seconds * self.sample_rate / self.hop)) * self.hop
         self.window_overlap = round(overlap_seconds * self.sample_rate / self.hop) * self.hop
         if not 0 <= self.window_overlap < self.window:
@@ -515,7 +597,7 @@ class FairseqEncoder(HFEncoder):
             if self.masked:  # HFEncoder._forward pads to the longest of each forward
                 spec["padding"] = AUDIO_PADDING
         if self.modality == "audio" and (self.dtype != "float32" or self.feature_encoder != "fairseq"):
-            spec["feature_encoder"] = self.feature_encoder  # float32 wav2vec 1.0 keeps the spec it always had
+            spec["feature_encoder"] = self.feature_encoder
         if self.dtype != "float32":
             spec["linear_kernel"] = self.linear_kernel
             if self.float32_convs:
@@ -560,7 +642,8 @@ class FairseqEncoder(HFEncoder):
 
         with torch.inference_mode(), precision(AUTOCAST[self.dtype], self.device):
             if self.kind == "Wav2VecModel":  # as fairseq's examples/wav2vec/wav2vec_featurize.py
-                h = self.model.feature_aggregator(self.model.feature_extractor(batch)).transpose(1, 2)
+                with self._valid_samples(lengths):
+                    h = self.model.feature_aggregator(self.model.feature_extractor(batch)).transpose(1, 2)
             else:
                 with self._valid_samples(lengths):
                     states = self._states(batch, lengths, n)

@@ -37,7 +37,6 @@ from emofuse.errors import PrepareError, UserError
 from emofuse.extract.encoders.base import Encoder, file_sha256, register
 from emofuse.extract.encoders.chunking import chunk_spans, conv_output_length, stitch
 from emofuse.extract.encoders.conv_features import (
-    ChannelsLastFeatureEncoder,
     is_exact_gelu,
     tile_frames_for,
     use_channels_last_feature_encoder,
@@ -663,8 +662,10 @@ class HFEncoder(Encoder):
         return self._unpad(h, lengths)
 
     def _valid_samples(self, lengths: list[int]):
+        """The feature encoder's context for a padded batch of inputs of these lengths (the encoders
+        that normalise each input over its own samples have one: valid_samples)."""
         fe = getattr(self.model, "feature_extractor", None)
-        if self.modality == "audio" and isinstance(fe, ChannelsLastFeatureEncoder):
+        if self.modality == "audio" and hasattr(fe, "valid_samples"):
             return fe.valid_samples(lengths)
         return contextlib.nullcontext()
 
