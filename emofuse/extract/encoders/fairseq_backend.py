@@ -284,17 +284,16 @@ class MaskedGroupNorm(torch.nn.Module):
         lengths = self.frames.lengths
         if lengths is None or min(lengths) == x.shape[2]:
             return self.norm(x)
-        x32 = x.float()
-        n = torch.tensor(lengths, device=x.device)
-        real = (torch.arange(x.shape[2], device=x.device)[None, :] < n[:, None])[:, None, :]  # (B, 1, T)
-        count = (n * x.shape[1]).float()[:, None, None]
-        mean = (x32 * real).sum((1, 2), keepdim=True) / count
-        centered = x32 - mean
-        var = (centered.square() * real).sum((1, 2), keepdim=True) / count
-        y = centered * torch.rsqrt(var + self.norm.eps)
+        x32 = x.float()  # as Fp32GroupNorm
+        var, mean = (torch.stack(v) for v in zip(*(torch.var_mean(x_b[:, :n], correction=0)
+                                                    for x_b, n in zip(x32, lengths))))
+        scale = torch.rsqrt(var + self.norm.eps)[:, None, None]  # (B, 1, 1), then (B, C, 1)
+        shift = -mean[:, None, None] * scale
         if self.norm.affine:
-            y = y * self.norm.weight.float()[None, :, None] + self.norm.bias.float()[None, :, None]
-        return y.type_as(x)
+            weight = self.norm.weight.float()[None, :, None]
+            scale, shift = scale * weight, shift * weight + self.norm.bias.float()[None, :, None]
+        # one pass over the activations; in place only over a copy (x.float() is x in float32)
+        return torch.addcmul(shift, x32, scale, out=None if x32 is x else x32).type_as(x)
 
 
 def mask_aggregator_norms(aggregator: torch.nn.Module, frames: FrameLengths) -> bool:
