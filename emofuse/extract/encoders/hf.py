@@ -237,7 +237,7 @@ def fuse_gelu(model: torch.nn.Module, names=FEED_FORWARD_NAMES, is_gelu=is_exact
     over 200 clips of 2-15 s, where nearly every forward has a new shape, it ran 0.96x (bench/README.md,
     session 12). One rounding to bf16 fewer brings it slightly closer to float32."""
     fused = 0
-    for module in model.modules():
+    for module in list(model.modules()):  # a list first: the loop replaces children (as pack_linears)
         for linear_name, act_name in names:
             linear = getattr(module, linear_name, None)
             if isinstance(linear, PackedLinear) and linear.activation == "none" and is_gelu(getattr(module, act_name, None)):
@@ -603,8 +603,8 @@ class HFEncoder(Encoder):
 
         Inputs sorted by length are cut into forwards of at most `budget` padded positions
         (default FORWARD_BUDGET), each at most MAX_PADDING padding. Masked audio is padded to the
-        longest of its forward, rounded up (_padded_length); text, and audio models without a mask, share a forward only between
-        inputs of exactly one length. The mask makes padding irrelevant to an input's features
+        longest of its forward, rounded up (_padded_length); text, and audio models without a
+        mask, share a forward only between inputs of exactly one length. The mask makes padding irrelevant to an input's features
         up to float rounding (within 1e-5 of encoding it alone); which inputs share a forward,
         and so the last bits, depends on the batch alone, which the pipeline's fixed batch plan
         makes reproducible (PAD_MULTIPLE).
