@@ -597,6 +597,11 @@ def test_hf_bf16_on_cpu_packs_linears_as_accurately_as_autocast(tiny, tmp_path, 
     assert not any(isinstance(m, hf.PackedLinear) for m in plain_enc.model.modules())
     assert packed_enc.full_spec()["linear_kernel"] == "onednn-packed, fused GELU"
     assert plain_enc.full_spec()["linear_kernel"] == "aten"
+    # audio's self-attention runs packed too (hf.PackedSelfAttention), which the spec says; text's is transformers'
+    packed_attention = sum(isinstance(m, hf.PackedSelfAttention) for m in packed_enc.model.modules())
+    assert packed_attention == (packed_enc.model.config.num_hidden_layers if modality == "audio" else 0)
+    assert packed_enc.full_spec().get("attention") == (hf.PACKED_ATTENTION if modality == "audio" else None)
+    assert "attention" not in plain_enc.full_spec()
     layers = packed_enc.model.config.num_hidden_layers
     assert sum(getattr(m, "activation", "") == "gelu" for m in packed_enc.model.modules()) == layers
     # the feed-forward blocks' separate GELUs are gone (the positional conv keeps its own)
@@ -733,6 +738,109 @@ def test_grouped_convs_stay_float32_under_autocast():
                 ours = gpu_like(wav).last_hidden_state.float()
         error = lambda a: float(torch.linalg.norm(a - ref) / torch.linalg.norm(ref))  # noqa: E731
         assert error(ours) < 1.1 * error(plain), name
+
+
+def test_grouped_convs_run_channels_last_on_a_cpu_bit_for_bit(monkeypatch):
+    """What prepare_frozen does on a CPU in bf16: every grouped Conv1d (the positional convs) runs as
+    a channels-last 2-D conv over a time axis padded to outputs of a multiple of 64 frames, and gives
+    the conv's own outputs bit for bit, at lengths on both sides of that multiple; so does each
+    wav2vec2-style model's forward."""
+    from emofuse.extract.encoders import hf
+
+    skip_without_onednn_bf16()
+    torch.manual_seed(0)
+    # (48 channels in 4 groups of 12 is avoided: torch 2.13's own bf16 conv computes it wrongly on this CPU)
+    for channels, kernel, groups, stride in [(64, 16, 4, 1), (32, 19, 16, 1), (24, 9, 2, 2)]:
+        conv = torch.nn.Conv1d(channels, channels, kernel, stride=stride, padding=kernel // 2, groups=groups)
+        conv = conv.bfloat16().requires_grad_(False)
+        for frames in (1, 2, 7, 63, 64, 65, 130):
+            x = torch.randn(3, frames, channels).bfloat16().transpose(1, 2)  # the (B, C, T) view models give it
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                want, got = conv(x), hf.ChannelsLastConv1d(conv)(x)
+            assert got.shape == want.shape and torch.equal(got, want), (channels, kernel, stride, frames)
+            exact = torch.nn.functional.conv1d(x.float(), conv.weight.float(), conv.bias.float(), stride, kernel // 2,
+                                               groups=groups)
+            torch.testing.assert_close(got.float(), exact, rtol=0.02, atol=0.05)
+
+    wav = torch.from_numpy(np.stack([speech_like(0.7, seed=1), speech_like(0.7, seed=2)]))
+    for (name, ours), (_, theirs) in zip(list(audio_models()), list(audio_models())):  # the same random weights
+        ours.eval(), theirs.eval()
+        hf.prepare_frozen(ours, torch.bfloat16, "cpu")
+        with monkeypatch.context() as m:
+            m.setattr(hf, "channels_last_grouped_convs", lambda model: 0)
+            hf.prepare_frozen(theirs, torch.bfloat16, "cpu")
+        assert any(isinstance(m, hf.ChannelsLastConv1d) for m in ours.modules()), name
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ours(wav).last_hidden_state, theirs(wav).last_hidden_state), name
+
+
+def test_padding_lengths_reads_only_padding_masks():
+    from emofuse.extract.encoders.hf import padding_lengths
+
+    lengths = torch.tensor([5, 3, 4])
+    keys = torch.arange(5) < lengths[:, None]  # (B, T)
+    square = keys[:, None, None, :].expand(3, 1, 5, 5)
+    assert padding_lengths(square, 5) == [5, 3, 4]
+    assert padding_lengths(keys[:, None, None, :], 5) == [5, 3, 4]  # broadcast over queries
+    additive = torch.zeros(3, 1, 5, 5).masked_fill(~square, torch.finfo(torch.float32).min)
+    assert padding_lengths(additive, 5) == [5, 3, 4]
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().expand(3, 1, 5, 5)
+    assert padding_lengths(causal, 5) is None
+    assert padding_lengths(None, 5) is None
+    assert padding_lengths(square, 6) is None
+
+
+def test_packed_self_attention_equals_transformers_on_padded_batches():
+    """On a CPU in bf16 the wav2vec2-style self-attention (wav2vec2, HuBERT, data2vec-audio; not
+    WavLM's, which adds a position bias) runs as PackedSelfAttention: one packed q/k/v projection,
+    keys zero-padded to a multiple of 16 frames and masked. On a padded, masked batch each input's
+    frames agree with transformers' own attention to bf16 rounding, alone and through the model;
+    with a mask that is not padding (causal) it computes what transformers does."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    from emofuse.extract.encoders import hf
+
+    skip_without_onednn_bf16()
+
+    def assert_near(got, want, what):  # bf16 rounding: a few 0.4% steps, relative to the outputs' scale
+        got, want = got.float(), want.float()
+        assert float((got - want).abs().max()) < 0.03 * float(want.abs().max()), what
+
+    wav = torch.zeros(2, 11200)
+    wav[0] = torch.from_numpy(speech_like(0.7, seed=1))
+    wav[1, :8000] = torch.from_numpy(speech_like(0.5, seed=2))
+    mask = torch.zeros(2, 11200, dtype=torch.long)
+    mask[0], mask[1, :8000] = 1, 1
+    for (name, model), (_, ours) in zip(list(audio_models()), list(audio_models())):  # the same random weights
+        for m in (model, ours):
+            # attention weights of unit gain (the models' init, std 0.02, leaves attention a rounding
+            # error of the residual stream, which no test of it could see)
+            torch.manual_seed(1)
+            for p in m.encoder.layers[0].attention.parameters():
+                p.data.normal_(0, m.config.hidden_size ** -0.5)
+            m.eval()
+            hf.prepare_frozen(m, torch.bfloat16, "cpu")
+        assert hf.pack_self_attention(ours) == (0 if name.startswith("wavlm") else 1), name
+        if name.startswith("wavlm"):
+            continue
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = (m(wav, attention_mask=mask).last_hidden_state for m in (model, ours))
+            frames = [got.shape[1], int(model._get_feat_extract_output_lengths(8000))]
+            assert frames[1] < frames[0] and frames[0] % 16 != 0  # padded keys, and keys padded here
+            for i, n in enumerate(frames):
+                assert_near(got[i, :n], want[i, :n], (name, i))
+
+            x = torch.randn(2, 9, model.config.hidden_size)
+            theirs, packed = model.encoder.layers[0].attention, ours.encoder.layers[0].attention
+            padding = create_bidirectional_mask(config=model.config, inputs_embeds=x,
+                                                attention_mask=torch.tensor([[1] * 9, [1] * 6 + [0] * 3]))
+            assert hf.padding_lengths(padding, 9) == [9, 6]
+            got, want = packed(x, attention_mask=padding)[0], theirs(x, attention_mask=padding)[0]
+            assert_near(got[0], want[0], name)
+            assert_near(got[1, :6], want[1, :6], name)
+            causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
+            assert_near(packed(x, attention_mask=causal)[0], theirs(x, attention_mask=causal)[0], name)
+            assert_near(packed(x)[0], theirs(x)[0], name)
 
 
 def test_conv_activation_runs_in_place_only_where_it_is_exact_gelu():

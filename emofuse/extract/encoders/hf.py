@@ -247,6 +247,85 @@ def fuse_gelu(model: torch.nn.Module, names=FEED_FORWARD_NAMES, is_gelu=is_exact
     return fused
 
 
+# torch's CPU flash attention in bf16 ran ~2x slower when the number of keys was not a multiple of
+# 4-16: 18.8 ms for 8 inputs x 12 heads x 381 frames against 8.7 ms with the keys padded to 384
+# and masked (2 cores; bench/README.md, session 13). Multiples of 16 were fast at every length tried.
+KEY_MULTIPLE = 16
+
+
+class PackedSelfAttention(torch.nn.Module):
+    """transformers' wav2vec2-style self-attention (Wav2Vec2Attention; HuBERT's and data2vec-audio's
+    are copies of it) for a frozen bf16 model on a CPU, the same function computed two ways faster:
+    - q, k and v come from one PackedLinear three times as wide (one matmul, not three);
+    - in a padded batch each input attends over its own frames alone, with no mask: the mask made
+      the attention kernel read a (T, T) mask per input and head and compute the padding's rows.
+    A padding frame's output is zero instead of attention over the real frames; no real frame
+    reads it (later layers mask it as a key, and _unpad drops it). Measured on 2 CPU cores,
+    wav2vec2-base width, 8 inputs of ~7.5 s: 23-25 ms per layer against 28-30 (bench/README.md,
+    session 13). Outputs agree with the masked attention to bf16 rounding (the sums' order)."""
+
+    def __init__(self, attention: torch.nn.Module):
+        super().__init__()
+        # kept as they were: top_layers() reads their weights
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
+        self.num_heads, self.head_dim, self.scaling = attention.num_heads, attention.head_dim, attention.scaling
+        qkv = torch.nn.Linear(self.q_proj.in_features, 3 * self.q_proj.out_features, dtype=self.q_proj.weight.dtype)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([p.weight for p in (self.q_proj, self.k_proj, self.v_proj)]))
+            qkv.bias.copy_(torch.cat([p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]))
+        self.qkv = PackedLinear(qkv.requires_grad_(False))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        batch, frames, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, frames, 3, self.num_heads, self.head_dim)
+        q = qkv[:, :, 0].transpose(1, 2)  # (B, heads, T, head_dim), a strided view
+        lengths = [frames] * batch if attention_mask is None else padding_lengths(attention_mask, frames)
+        if lengths is None:  # a mask that is not just padding: as transformers computes it
+            k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
+        else:
+            # Keys and values copied out, zero-padded to a multiple of KEY_MULTIPLE frames (zeros: a
+            # masked key's weight is 0, but 0 x NaN would not be), with a key-only mask.
+            keys = -(-frames // KEY_MULTIPLE) * KEY_MULTIPLE
+            kv = qkv.new_empty(2, batch, self.num_heads, keys, self.head_dim)
+            kv[..., :frames, :] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+            kv[..., frames:, :] = 0
+            real = torch.arange(keys, device=q.device) < torch.tensor(lengths, device=q.device)[:, None]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, kv[0], kv[1], attn_mask=real[:, None, None, :], scale=self.scaling)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, frames, width)), None
+
+
+def padding_lengths(mask: torch.Tensor | None, frames: int) -> list[int] | None:
+    """Each input's number of real frames when `mask` ((B, 1, T or 1, T), bool or additive) lets
+    every query of input b attend to exactly its first n_b keys; else None (also for no mask)."""
+    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != frames:
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    lengths = allowed[:, 0, 0].sum(-1)
+    prefix = torch.arange(frames, device=mask.device) < lengths[:, None]
+    return lengths.tolist() if bool((allowed[:, 0] == prefix[:, None, :]).all()) else None
+
+
+PACKED_ATTENTION = f"packed qkv, keys padded to a multiple of {KEY_MULTIPLE}"  # attention in the spec
+# transformers' attention classes that PackedSelfAttention reproduces (the same code in each)
+SELF_ATTENTION_CLASSES = ("Wav2Vec2Attention", "HubertAttention", "Data2VecAudioAttention")
+
+
+def pack_self_attention(model: torch.nn.Module) -> int:
+    """Replace each wav2vec2-style self-attention whose projections are PackedLinears by a
+    PackedSelfAttention. Returns how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child).__name__ in SELF_ATTENTION_CLASSES and not getattr(child, "is_decoder", False)
+                    and all(isinstance(getattr(child, p), PackedLinear) for p in ("q_proj", "k_proj", "v_proj"))):
+                setattr(parent, name, PackedSelfAttention(child))
+                replaced += 1
+    return replaced
+
+
 class Float32Conv1d(torch.nn.Module):
     """A frozen grouped Conv1d run in float32 outside autocast, on a GPU. The positional conv of
     wav2vec2-style models (768 channels, kernel 128, 16 groups) took 12.7 ms in bf16 under cuDNN
@@ -263,6 +342,51 @@ class Float32Conv1d(torch.nn.Module):
                                               self.dilation, self.groups)
 
 
+class ChannelsLastConv1d(torch.nn.Module):
+    """A frozen grouped Conv1d for bf16 inference on a CPU (the positional conv of wav2vec2-style
+    models: 768 channels, kernel 128, 16 groups), run by oneDNN as a channels-last 2-D conv, with
+    the output padded to a multiple of OUTPUT_MULTIPLE frames and cut back. The same sums: outputs
+    are bit-identical (tested).
+
+    Why: its input is the (B, T, C) activations seen as (B, C, T), which channels-last takes as they
+    are; and oneDNN's time per output frame varied 4x with the output length (8 inputs, 2 cores: 5 us
+    per frame at multiples of 64, 6-22 us at others; 72 ms at 383 frames, 16 ms at 384). The zeros
+    appended to the input are what the conv's own padding reads there, so the first outputs do not
+    change."""
+
+    OUTPUT_MULTIPLE = 64
+
+    def __init__(self, conv: torch.nn.Conv1d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias  # in the autocast dtype (after precast_for_autocast)
+        (self.kernel,), (self.stride,), (self.padding,), (self.dilation,) = (
+            conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+        self.groups = conv.groups
+        self.weight_2d = conv.weight.detach()[:, :, None, :].contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, frames = x.shape
+        out = (frames + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+        extra = (-out % self.OUTPUT_MULTIPLE) * self.stride
+        time_major = x.new_empty(batch, frames + extra, channels, dtype=self.weight_2d.dtype)
+        time_major[:, :frames] = x.transpose(1, 2)
+        time_major[:, frames:] = 0
+        y = torch.nn.functional.conv2d(time_major.transpose(1, 2).unsqueeze(2), self.weight_2d, self.bias,
+                                       (1, self.stride), (0, self.padding), (1, self.dilation), self.groups)
+        return y.squeeze(2)[:, :, :out]
+
+
+def channels_last_grouped_convs(model: torch.nn.Module) -> int:
+    """Replace each grouped Conv1d (zero padding) by a ChannelsLastConv1d. Returns how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Conv1d and child.groups > 1 and child.padding_mode == "zeros":
+                setattr(parent, name, ChannelsLastConv1d(child))
+                replaced += 1
+    return replaced
+
+
 def float32_grouped_convs(model: torch.nn.Module) -> int:
     """Replace each grouped Conv1d (zero padding) by a Float32Conv1d. Returns how many."""
     replaced = 0
@@ -276,15 +400,17 @@ def float32_grouped_convs(model: torch.nn.Module) -> int:
 
 def prepare_frozen(model: torch.nn.Module, autocast_dtype, device: str) -> tuple[str, int]:
     """Make a frozen model cheaper to run, in place: weight norm computed once, weights stored in
-    the autocast dtype, bf16 Linear weights packed for oneDNN on a CPU, grouped convs kept in
-    float32 on a GPU. Only the packing and the float32 convs change the outputs (by bf16
-    rounding). Returns which kernel the Linear layers run and how many convs run in float32, for
+    the autocast dtype, on a CPU in bf16 grouped convs run channels-last and Linear weights packed
+    for oneDNN, on a GPU grouped convs kept in float32. Only the packing and the float32 convs
+    change the outputs (by bf16 rounding). Returns which kernel the Linear layers run and how many convs run in float32, for
     the spec."""
     freeze_weight_norm(model)
     if autocast_dtype is None:
         return "aten", 0
     float32_convs = float32_grouped_convs(model) if device.startswith("cuda") else 0
     precast_for_autocast(model, autocast_dtype)
+    if device == "cpu" and autocast_dtype == torch.bfloat16:
+        channels_last_grouped_convs(model)  # bit-identical: not in the spec
     if device == "cpu" and autocast_dtype == torch.bfloat16 and onednn_packing_works():
         pack_linears(model)
         return (PACKED_FUSED_GELU if fuse_gelu(model) else PACKED), float32_convs
@@ -380,6 +506,8 @@ class HFEncoder(Encoder):
         self.model.requires_grad_(False)
         # which matmul kernel the Linear layers run: part of a bf16 spec
         self.linear_kernel, self.float32_convs = prepare_frozen(self.model, DTYPES[dtype], self.device)
+        packed = self.linear_kernel in (PACKED, PACKED_FUSED_GELU)
+        self.attention = PACKED_ATTENTION if packed and pack_self_attention(self.model) else None  # in the spec
 
         if self.modality == "text":
             self._init_text(folder, max_tokens, overlap)
@@ -521,6 +649,8 @@ class HFEncoder(Encoder):
             spec["linear_kernel"] = self.linear_kernel
             if self.float32_convs:
                 spec["grouped_convs"] = "float32"
+            if self.attention:
+                spec["attention"] = self.attention
         if self.modality == "text":
             spec.update(max_tokens=self.max_tokens, overlap=self.overlap, padding=TEXT_PADDING)
         else:
