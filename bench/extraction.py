@@ -118,6 +118,9 @@ class NaiveWav2vec2:
         return time.perf_counter() - start
 
 
+UNPACKED_ATTENTION = "pipeline, transformers' attention + pos conv"
+
+
 def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
     """Every row runs in ROUNDS rounds over disjoint halves of the clips, in reverse order in the
     second round, and each part of a row is preceded by a matmul probe of its dtype. This VM's bf16
@@ -125,8 +128,6 @@ def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
     the other minutes apart compared machine states, not code. Interleaved, a drift over the run
     falls on every row alike (to first order), and each row's FLOP limit comes from the rate
     measured next to it (time-weighted over its parts)."""
-    import contextlib
-
     from emofuse.corpora.base import Utterance
     from emofuse.extract.encoders import hf
     from emofuse.extract.encoders.base import build_encoder
@@ -146,7 +147,6 @@ def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
     device = args.device
     budget = 16000 * 60  # the config default: 60 s of padded audio per batch
     flops = lambda subset: sum(a * d + b * d * d for _, d in subset)  # noqa: E731
-    parts = contextlib.ExitStack()  # closed after the rounds
 
     def pipeline(model_folder, dtype):
         enc = build_encoder("audio", {"backend": "hf", "path": str(model_folder), "dtype": dtype, "device": device})
@@ -160,69 +160,79 @@ def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
     def pipeline_processes(model_folder, dtype, n_workers):
         """`emofuse extract --workers N`: a dask LocalCluster of N processes with one torch thread
         each, writing into one store. Each worker builds its model before the clock, like the
-        other rows; chunks of a quarter of the clips per worker, so both stay busy."""
+        other rows; chunks of a quarter of the clips per worker, so both stay busy.
+
+        The cluster is up only for this row's runs: idle, its scheduler (a thread of this process)
+        and two worker processes slowed the one-process rows measured beside it by ~15% on 2 cores
+        (57.5 audio s/s without, 48-50 with; bench/README.md, session 13)."""
         from dask.distributed import Client, LocalCluster
 
         from emofuse.extract.distributed import describe_encoder, extract_modality_distributed
 
         spec = {"backend": "hf", "path": str(model_folder), "dtype": dtype, "device": device}
-        cluster = parts.enter_context(LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                                   dashboard_address=None))
-        client = parts.enter_context(Client(cluster))
-        client.run(describe_encoder, "audio", spec, 1)
 
         def run(subset, out):
             utts = [Utterance(id=p.stem, audio=str(p)) for p, _ in subset]
-            start = time.perf_counter()
-            result = extract_modality_distributed(
-                client, utts, "audio", spec, out, budget=budget, chunk_size=-(-len(utts) // (4 * n_workers)),
-                torch_threads=1, progress=False, log=lambda *a: None)
-            seconds = time.perf_counter() - start
+            with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                    Client(cluster) as client:
+                client.run(describe_encoder, "audio", spec, 1)  # each worker builds its model, outside the clock
+                start = time.perf_counter()
+                result = extract_modality_distributed(
+                    client, utts, "audio", spec, out, budget=budget, chunk_size=-(-len(utts) // (4 * n_workers)),
+                    torch_threads=1, progress=False, log=lambda *a: None)
+                seconds = time.perf_counter() - start
             if result.failed:
                 raise RuntimeError(f"{result.failed} utterances failed: {result.failure_reasons}")
             return seconds
         return run, None  # batches are formed in the workers: padding not counted
 
-    with parts:  # the dask cluster of the 2-process row stays up through both rounds
-        # (name, dtype, every k-th clip, (run(subset, out) -> seconds, padding stats or None))
-        common.log("[extraction] loading every row's model (outside the clock)")
-        rows_spec = [("naive loop", "float32", every, (NaiveWav2vec2(folder, device), None)),
-                     ("pipeline", "float32", every, pipeline(folder, "float32")),
-                     ("pipeline", "bfloat16", 1, pipeline(folder, "bfloat16"))]
-        if device == "cpu":
-            # The same row with the Linear layers on F.linear, which hands oneDNN the plain weight on
-            # every call (before packed linears): the A/B of hf.PackedLinear, in the same run.
-            packing_works, hf.onednn_packing_works = hf.onednn_packing_works, lambda: False
-            try:
-                rows_spec.append(("pipeline, F.linear (not packed)", "bfloat16", 1, pipeline(folder, "bfloat16")))
-            finally:
-                hf.onednn_packing_works = packing_works
-            # ... and with packed linears but each feed-forward GELU a separate pass (before fuse_gelu)
-            fusing, hf.fuse_gelu = hf.fuse_gelu, lambda model: 0
-            try:
-                rows_spec.append(("pipeline, GELU not fused", "bfloat16", 1, pipeline(folder, "bfloat16")))
-            finally:
-                hf.fuse_gelu = fusing
-            rows_spec.append(("pipeline, 2 processes x 1 thread", "bfloat16", 1, pipeline_processes(folder, "bfloat16", 2)))
-        if not args.quick and not args.no_layernorm:
-            # The same size with a layer-norm feature encoder (wav2vec2-large-lv60 style).
-            ln_folder = common.make_wav2vec2(tmp / "wav2vec2-base-ln", feat_extract_norm="layer")
-            rows_spec.append(("pipeline, layer-norm variant", "bfloat16", 1, pipeline(ln_folder, "bfloat16")))
+    # (name, dtype, every k-th clip, (run(subset, out) -> seconds, padding stats or None))
+    common.log("[extraction] loading every row's model (outside the clock)")
+    rows_spec = [("naive loop", "float32", every, (NaiveWav2vec2(folder, device), None)),
+                 ("pipeline", "float32", every, pipeline(folder, "float32")),
+                 ("pipeline", "bfloat16", 1, pipeline(folder, "bfloat16"))]
+    if device == "cpu":
+        # The same row with the Linear layers on F.linear, which hands oneDNN the plain weight on
+        # every call (before packed linears): the A/B of hf.PackedLinear, in the same run.
+        packing_works, hf.onednn_packing_works = hf.onednn_packing_works, lambda: False
+        try:
+            rows_spec.append(("pipeline, F.linear (not packed)", "bfloat16", 1, pipeline(folder, "bfloat16")))
+        finally:
+            hf.onednn_packing_works = packing_works
+        # ... and with packed linears but each feed-forward GELU a separate pass (before fuse_gelu)
+        fusing, hf.fuse_gelu = hf.fuse_gelu, lambda model: 0
+        try:
+            rows_spec.append(("pipeline, GELU not fused", "bfloat16", 1, pipeline(folder, "bfloat16")))
+        finally:
+            hf.fuse_gelu = fusing
+        # ... and with transformers' attention and positional conv (before PackedSelfAttention and
+        # ChannelsLastConv1d)
+        attention, convs = hf.pack_self_attention, hf.channels_last_grouped_convs
+        hf.pack_self_attention = hf.channels_last_grouped_convs = lambda model: 0
+        try:
+            rows_spec.append((UNPACKED_ATTENTION, "bfloat16", 1, pipeline(folder, "bfloat16")))
+        finally:
+            hf.pack_self_attention, hf.channels_last_grouped_convs = attention, convs
+        rows_spec.append(("pipeline, 2 processes x 1 thread", "bfloat16", 1, pipeline_processes(folder, "bfloat16", 2)))
+    if not args.quick and not args.no_layernorm:
+        # The same size with a layer-norm feature encoder (wav2vec2-large-lv60 style).
+        ln_folder = common.make_wav2vec2(tmp / "wav2vec2-base-ln", feat_extract_norm="layer")
+        rows_spec.append(("pipeline, layer-norm variant", "bfloat16", 1, pipeline(ln_folder, "bfloat16")))
 
-        totals = [{"seconds": 0.0, "clips": [], "rate_x_seconds": 0.0, "probes": []} for _ in rows_spec]
-        for r, half in enumerate(halves):
-            order = list(enumerate(rows_spec))
-            for i, (name, dtype, k, (run, _)) in order if r % 2 == 0 else order[::-1]:
-                subset = half[::k]
-                rate = common.matmul_rate(dtype, device, seconds=0.3 if args.quick else 1.0)["flops_per_s"]
-                seconds = run(subset, tmp / f"out-{i}-{r}")
-                t = totals[i]
-                t["seconds"] += seconds
-                t["clips"] += subset
-                t["rate_x_seconds"] += rate * seconds
-                t["probes"].append(rate)
-                common.log(f"[extraction]   round {r + 1}: {name} {dtype}: {sum(d for _, d in subset) / seconds:.2f} s of "
-                           f"audio per s ({seconds:.1f} s; matmul {rate / 1e9:.0f} GFLOP/s just before)")
+    totals = [{"seconds": 0.0, "clips": [], "rate_x_seconds": 0.0, "probes": []} for _ in rows_spec]
+    for r, half in enumerate(halves):
+        order = list(enumerate(rows_spec))
+        for i, (name, dtype, k, (run, _)) in order if r % 2 == 0 else order[::-1]:
+            subset = half[::k]
+            rate = common.matmul_rate(dtype, device, seconds=0.3 if args.quick else 1.0)["flops_per_s"]
+            seconds = run(subset, tmp / f"out-{i}-{r}")
+            t = totals[i]
+            t["seconds"] += seconds
+            t["clips"] += subset
+            t["rate_x_seconds"] += rate * seconds
+            t["probes"].append(rate)
+            common.log(f"[extraction]   round {r + 1}: {name} {dtype}: {sum(d for _, d in subset) / seconds:.2f} s of "
+                       f"audio per s ({seconds:.1f} s; matmul {rate / 1e9:.0f} GFLOP/s just before)")
 
     rows = []
     for (name, dtype, _, (_, stats)), t in zip(rows_spec, totals):
@@ -361,6 +371,9 @@ def main(argv=None) -> dict:
     unfused = next((r for r in w_rows if r["path"] == "pipeline, GELU not fused"), None)
     if bf16 and unfused:
         data["fused_gelu_speedup"] = bf16["media_s_per_s"] / unfused["media_s_per_s"]
+    unpacked_attention = next((r for r in w_rows if r["path"] == UNPACKED_ATTENTION), None)
+    if bf16 and unpacked_attention:
+        data["packed_attention_speedup"] = bf16["media_s_per_s"] / unpacked_attention["media_s_per_s"]
     path = common.write_result(NAME, data, args.out)
 
     headers = ["encoder", "path", "dtype", "clips", "media s", "media s/s", "matmul GFLOP/s", "FLOP limit s/s", "of limit",
@@ -390,6 +403,9 @@ def main(argv=None) -> dict:
         print(f"packed linears: the bf16 pipeline ran {data['packed_linears_speedup']:.2f}x its speed with F.linear")
     if "fused_gelu_speedup" in data:
         print(f"fused GELU: the bf16 pipeline ran {data['fused_gelu_speedup']:.2f}x its speed with separate GELUs")
+    if "packed_attention_speedup" in data:
+        print(f"packed attention + channels-last positional conv: the bf16 pipeline ran "
+              f"{data['packed_attention_speedup']:.2f}x its speed with transformers' own")
     print(f"wrote {path}")
     return data
 
