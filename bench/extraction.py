@@ -20,6 +20,8 @@ into a real feature store (HDF5 shards). Measured side by side in one run:
 Printed: media seconds per second, fraction of the FLOP limit, ratio to the naive loop, and the
 padding fraction of the encoder batches (padded positions / all positions in the forwards).
 Model loading and checkpoint hashing happen before the clock starts, for every row alike.
+What each CPU speed-up of the bf16 path is worth is bench/ablation.py's: rows of one process share
+oneDNN's kernel cache, which biases A/B rows by their position (see there).
 """
 
 from __future__ import annotations
@@ -118,9 +120,6 @@ class NaiveWav2vec2:
         return time.perf_counter() - start
 
 
-UNPACKED_ATTENTION = "pipeline, transformers' attention + pos conv"
-
-
 def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
     """Every row runs in ROUNDS rounds over disjoint halves of the clips, in reverse order in the
     second round, and each part of a row is preceded by a matmul probe of its dtype. This VM's bf16
@@ -129,7 +128,6 @@ def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
     falls on every row alike (to first order), and each row's FLOP limit comes from the rate
     measured next to it (time-weighted over its parts)."""
     from emofuse.corpora.base import Utterance
-    from emofuse.extract.encoders import hf
     from emofuse.extract.encoders.base import build_encoder
 
     n, lo, hi = (6, 2.0, 4.0) if args.quick else (args.clips, 2.0, 15.0)
@@ -192,27 +190,6 @@ def bench_wav2vec2(args, tmp: Path) -> tuple[list[dict], dict]:
                  ("pipeline", "float32", every, pipeline(folder, "float32")),
                  ("pipeline", "bfloat16", 1, pipeline(folder, "bfloat16"))]
     if device == "cpu":
-        # The same row with the Linear layers on F.linear, which hands oneDNN the plain weight on
-        # every call (before packed linears): the A/B of hf.PackedLinear, in the same run.
-        packing_works, hf.onednn_packing_works = hf.onednn_packing_works, lambda: False
-        try:
-            rows_spec.append(("pipeline, F.linear (not packed)", "bfloat16", 1, pipeline(folder, "bfloat16")))
-        finally:
-            hf.onednn_packing_works = packing_works
-        # ... and with packed linears but each feed-forward GELU a separate pass (before fuse_gelu)
-        fusing, hf.fuse_gelu = hf.fuse_gelu, lambda model: 0
-        try:
-            rows_spec.append(("pipeline, GELU not fused", "bfloat16", 1, pipeline(folder, "bfloat16")))
-        finally:
-            hf.fuse_gelu = fusing
-        # ... and with transformers' attention and positional conv (before PackedSelfAttention and
-        # ChannelsLastConv1d)
-        attention, convs = hf.pack_self_attention, hf.channels_last_grouped_convs
-        hf.pack_self_attention = hf.channels_last_grouped_convs = lambda model: 0
-        try:
-            rows_spec.append((UNPACKED_ATTENTION, "bfloat16", 1, pipeline(folder, "bfloat16")))
-        finally:
-            hf.pack_self_attention, hf.channels_last_grouped_convs = attention, convs
         rows_spec.append(("pipeline, 2 processes x 1 thread", "bfloat16", 1, pipeline_processes(folder, "bfloat16", 2)))
     if not args.quick and not args.no_layernorm:
         # The same size with a layer-norm feature encoder (wav2vec2-large-lv60 style).
@@ -365,15 +342,6 @@ def main(argv=None) -> dict:
                 "processes_bf16_ratio_to_naive": procs["ratio_to_naive"],
                 "met_fraction_processes": procs["fraction_of_limit"] >= 0.70,
                 "met_ratio_processes": procs["ratio_to_naive"] >= 3.0})
-    unpacked = next((r for r in w_rows if r["path"].startswith("pipeline, F.linear")), None)
-    if bf16 and unpacked:
-        data["packed_linears_speedup"] = bf16["media_s_per_s"] / unpacked["media_s_per_s"]
-    unfused = next((r for r in w_rows if r["path"] == "pipeline, GELU not fused"), None)
-    if bf16 and unfused:
-        data["fused_gelu_speedup"] = bf16["media_s_per_s"] / unfused["media_s_per_s"]
-    unpacked_attention = next((r for r in w_rows if r["path"] == UNPACKED_ATTENTION), None)
-    if bf16 and unpacked_attention:
-        data["packed_attention_speedup"] = bf16["media_s_per_s"] / unpacked_attention["media_s_per_s"]
     path = common.write_result(NAME, data, args.out)
 
     headers = ["encoder", "path", "dtype", "clips", "media s", "media s/s", "matmul GFLOP/s", "FLOP limit s/s", "of limit",
@@ -399,13 +367,6 @@ def main(argv=None) -> dict:
             print(f"         2 processes x 1 thread: {100 * t['processes_bf16_fraction_of_bf16_limit']:.0f}% of the bf16 limit "
                   f"({'met' if t['met_fraction_processes'] else 'MISSED'}); {t['processes_bf16_ratio_to_naive']:.2f}x the "
                   f"naive loop ({'met' if t['met_ratio_processes'] else 'MISSED'})")
-    if "packed_linears_speedup" in data:
-        print(f"packed linears: the bf16 pipeline ran {data['packed_linears_speedup']:.2f}x its speed with F.linear")
-    if "fused_gelu_speedup" in data:
-        print(f"fused GELU: the bf16 pipeline ran {data['fused_gelu_speedup']:.2f}x its speed with separate GELUs")
-    if "packed_attention_speedup" in data:
-        print(f"packed attention + channels-last positional conv: the bf16 pipeline ran "
-              f"{data['packed_attention_speedup']:.2f}x its speed with transformers' own")
     print(f"wrote {path}")
     return data
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["extraction", "cache_io", "training", "cached_vs_onthefly", "probe"]
+ORDER = ["extraction", "ablation", "cache_io", "training", "cached_vs_onthefly", "probe"]
 
 
 def main(argv=None) -> int:
