@@ -77,7 +77,7 @@ def child(variant: str, model: str, clips_dir: str, threads: str, out_dir: str) 
 
 def main(argv=None) -> dict:
     p = common.parser(__doc__)
-    p.add_argument("--clips", type=int, default=60, help="clips of 2-15 s per clip set")
+    p.add_argument("--clips", type=int, default=48, help="clips of 2-15 s per clip set")
     p.add_argument("--sets", type=int, default=2, help="clip sets (seeds); variants alternate order per set")
     p.add_argument("--child", nargs=4, metavar=("VARIANT", "MODEL", "CLIPS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -19,7 +19,9 @@ Long inputs are cut into overlapping windows and stitched (see chunking.py), nev
 Precision: float32 matches transformers within 1e-5. bf16 runs under autocast with the weights cast
 once (precast_for_autocast); on a CPU the Linear layers then use oneDNN-packed weights
 (PackedLinear), where the torch build supports it, each feed-forward block's first Linear applying
-its GELU itself (fuse_gelu), and the spec's linear_kernel says so.
+its GELU itself (fuse_gelu), and the spec's linear_kernel says so; an audio model's self-attention
+then runs as PackedSelfAttention (spec: attention) and its grouped convs as ChannelsLastConv1d
+(bit-identical).
 """
 
 from __future__ import annotations
@@ -257,12 +259,13 @@ class PackedSelfAttention(torch.nn.Module):
     """transformers' wav2vec2-style self-attention (Wav2Vec2Attention; HuBERT's and data2vec-audio's
     are copies of it) for a frozen bf16 model on a CPU, the same function computed two ways faster:
     - q, k and v come from one PackedLinear three times as wide (one matmul, not three);
-    - in a padded batch each input attends over its own frames alone, with no mask: the mask made
-      the attention kernel read a (T, T) mask per input and head and compute the padding's rows.
-    A padding frame's output is zero instead of attention over the real frames; no real frame
-    reads it (later layers mask it as a key, and _unpad drops it). Measured on 2 CPU cores,
-    wav2vec2-base width, 8 inputs of ~7.5 s: 23-25 ms per layer against 28-30 (bench/README.md,
-    session 13). Outputs agree with the masked attention to bf16 rounding (the sums' order)."""
+    - the keys and values are zero-padded to a multiple of KEY_MULTIPLE frames, with a key-only
+      mask (each input's padding and the added frames): torch's CPU flash attention is ~2x slower
+      at other key counts.
+    Measured per layer at wav2vec2-base width on 2 CPU cores, 8 inputs padded to 381 frames: 20-24
+    ms against transformers' 29-33; at 401 frames 24-26 against 25-26; 4 inputs of 712 frames: the
+    same (bench/README.md, session 13). Outputs agree with the masked attention to bf16 rounding
+    (the sums' order)."""
 
     def __init__(self, attention: torch.nn.Module):
         super().__init__()
