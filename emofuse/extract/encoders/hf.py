@@ -257,7 +257,7 @@ KEY_MULTIPLE = 16
 
 class PackedSelfAttention(torch.nn.Module):
     """transformers' wav2vec2-style self-attention (Wav2Vec2Attention; HuBERT's and data2vec-audio's
-    are copies of it) for a frozen bf16 model on a CPU, the same function computed two ways faster:
+    are copies of it) for a frozen bf16 model on a CPU: the same function, made faster in two ways:
     - q, k and v come from one PackedLinear three times as wide (one matmul, not three);
     - the keys and values are zero-padded to a multiple of KEY_MULTIPLE frames, with a key-only
       mask (each input's padding and the added frames): torch's CPU flash attention is ~2x slower
@@ -403,10 +403,10 @@ def float32_grouped_convs(model: torch.nn.Module) -> int:
 
 def prepare_frozen(model: torch.nn.Module, autocast_dtype, device: str) -> tuple[str, int]:
     """Make a frozen model cheaper to run, in place: weight norm computed once, weights stored in
-    the autocast dtype, on a CPU in bf16 grouped convs run channels-last and Linear weights packed
-    for oneDNN, on a GPU grouped convs kept in float32. Only the packing and the float32 convs
-    change the outputs (by bf16 rounding). Returns which kernel the Linear layers run and how many convs run in float32, for
-    the spec."""
+    the autocast dtype; on a CPU in bf16, grouped convs run channels-last and Linear weights packed
+    for oneDNN; on a GPU, grouped convs kept in float32. Only the packing and the float32 convs
+    change the outputs (by bf16 rounding). Returns which kernel the Linear layers run and how many
+    convs run in float32, for the spec."""
     freeze_weight_norm(model)
     if autocast_dtype is None:
         return "aten", 0
