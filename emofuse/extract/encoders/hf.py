@@ -210,15 +210,21 @@ def onednn_packing_works() -> bool:
         return False
 
 
+def replace_modules(model: torch.nn.Module, matches, replacement) -> int:
+    """Replace each submodule m of model for which matches(m) by replacement(m). Returns how many."""
+    replaced = 0
+    for parent in list(model.modules()):  # a list first: the loop replaces children
+        for name, child in list(parent.named_children()):
+            if matches(child):
+                setattr(parent, name, replacement(child))
+                replaced += 1
+    return replaced
+
+
 def pack_linears(model: torch.nn.Module) -> int:
     """Replace each bf16 Linear of a frozen CPU model by a PackedLinear. Returns how many."""
-    packed = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
-                setattr(parent, name, PackedLinear(child))
-                packed += 1
-    return packed
+    return replace_modules(model, lambda m: type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16,
+                           PackedLinear)
 
 
 PACKED, PACKED_FUSED_GELU = "onednn-packed", "onednn-packed, fused GELU"  # linear_kernel in the spec
@@ -235,11 +241,12 @@ def fuse_gelu(model: torch.nn.Module, names=FEED_FORWARD_NAMES, is_gelu=is_exact
 
     The separate GELU was a pass over the block's widest activations (4x the model width). Fused, a
     bf16 wav2vec2-base forward repeated on 2 CPU cores ran 1.04-1.07x faster and Emo-DB through the
-    pipeline 0.99-1.07x; but oneDNN takes longer to build the fused kernel for a new batch shape, and
-    over 200 clips of 2-15 s, where nearly every forward has a new shape, it ran 0.96x (bench/README.md,
-    session 12). One rounding to bf16 fewer brings it slightly closer to float32."""
+    pipeline 0.99-1.07x. Over clips of 2-15 s, where nearly every forward has a new shape (and oneDNN
+    builds the fused kernel anew): 1.01-1.05x cold and 1.05-1.08x warm in fresh processes, 0.96-0.97x
+    in bench/ablation.py's two runs, so within this VM's noise there (bench/README.md, sessions 12
+    and 13). One rounding to bf16 fewer brings it slightly closer to float32."""
     fused = 0
-    for module in list(model.modules()):  # a list first: the loop replaces children (as pack_linears)
+    for module in list(model.modules()):  # a list first: the loop replaces children (as replace_modules)
         for linear_name, act_name in names:
             linear = getattr(module, linear_name, None)
             if isinstance(linear, PackedLinear) and linear.activation == "none" and is_gelu(getattr(module, act_name, None)):
@@ -319,14 +326,10 @@ SELF_ATTENTION_CLASSES = ("Wav2Vec2Attention", "HubertAttention", "Data2VecAudio
 def pack_self_attention(model: torch.nn.Module) -> int:
     """Replace each wav2vec2-style self-attention whose projections are PackedLinears by a
     PackedSelfAttention. Returns how many."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (type(child).__name__ in SELF_ATTENTION_CLASSES and not getattr(child, "is_decoder", False)
-                    and all(isinstance(getattr(child, p), PackedLinear) for p in ("q_proj", "k_proj", "v_proj"))):
-                setattr(parent, name, PackedSelfAttention(child))
-                replaced += 1
-    return replaced
+    def matches(m):
+        return (type(m).__name__ in SELF_ATTENTION_CLASSES and not getattr(m, "is_decoder", False)
+                and all(isinstance(getattr(m, p), PackedLinear) for p in ("q_proj", "k_proj", "v_proj")))
+    return replace_modules(model, matches, PackedSelfAttention)
 
 
 class Float32Conv1d(torch.nn.Module):
@@ -381,24 +384,16 @@ class ChannelsLastConv1d(torch.nn.Module):
 
 def channels_last_grouped_convs(model: torch.nn.Module) -> int:
     """Replace each grouped Conv1d (zero padding) by a ChannelsLastConv1d. Returns how many."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Conv1d and child.groups > 1 and child.padding_mode == "zeros":
-                setattr(parent, name, ChannelsLastConv1d(child))
-                replaced += 1
-    return replaced
+    return replace_modules(model, is_grouped_conv, ChannelsLastConv1d)
+
+
+def is_grouped_conv(m: torch.nn.Module) -> bool:
+    return type(m) is torch.nn.Conv1d and m.groups > 1 and m.padding_mode == "zeros"
 
 
 def float32_grouped_convs(model: torch.nn.Module) -> int:
     """Replace each grouped Conv1d (zero padding) by a Float32Conv1d. Returns how many."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Conv1d and child.groups > 1 and child.padding_mode == "zeros":
-                setattr(parent, name, Float32Conv1d(child))
-                replaced += 1
-    return replaced
+    return replace_modules(model, is_grouped_conv, Float32Conv1d)
 
 
 def prepare_frozen(model: torch.nn.Module, autocast_dtype, device: str) -> tuple[str, int]:
