@@ -407,6 +407,52 @@ def test_group_norm_models_batch_with_a_mask(ckpt, tmp_path, monkeypatch, name, 
 
 
 @pytest.mark.parametrize("name", ["w2v2_layer", "hubert"])
+def test_packed_self_attention_equals_fairseqs_on_padded_batches(ckpt, name):
+    """In bf16 on a CPU each fairseq self-attention runs as PackedFairseqSelfAttention (one packed
+    q/k/v projection, keys zero-padded to a multiple of 16 and masked, the output projection packed)
+    and agrees with fairseq's MultiheadAttention to bf16 rounding on a padded batch and without a
+    mask. Calls it does not cover (attention weights asked for, a padding mask that is not each
+    input's tail) run fairseq's own forward. The spec records it; float32 keeps fairseq's."""
+    from emofuse.extract.encoders.fairseq_backend import PackedFairseqSelfAttention, tail_padding_lengths
+    from emofuse.extract.encoders.hf import PACKED_ATTENTION, prepare_frozen
+
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("this torch build or CPU has no oneDNN bf16 matmul")
+
+    def assert_near(got, want):  # bf16 rounding: a few 0.4% steps, relative to the outputs' scale
+        got, want = got.float(), want.float()
+        assert float((got - want).abs().max()) < 0.03 * float(want.abs().max())
+
+    model = fairseq_load(ckpt[name])
+    theirs = model.encoder.layers[0].self_attn
+    torch.manual_seed(1)
+    for p in theirs.parameters():  # unit gain: fairseq's init leaves attention outputs near zero
+        p.data.normal_(0, theirs.embed_dim ** -0.5)
+    prepare_frozen(model, torch.bfloat16, "cpu")
+    ours = PackedFairseqSelfAttention(theirs)
+    frames, lengths = 21, [21, 15, 9]
+    x = torch.randn(frames, len(lengths), theirs.embed_dim)  # fairseq's (T, B, C)
+    tail = torch.arange(frames) >= torch.tensor(lengths)[:, None]
+    head = torch.arange(frames) < torch.tensor([0, 6, 12])[:, None]  # padding in front: not a tail
+    assert tail_padding_lengths(tail, 3, frames) == lengths and tail_padding_lengths(head, 3, frames) is None
+    assert tail_padding_lengths(None, 3, frames) == [frames] * 3
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, none = ours(x, x, x, key_padding_mask=tail, need_weights=False)
+        want = theirs(x, x, x, key_padding_mask=tail, need_weights=False)[0]
+        assert none is None
+        for b, n in enumerate(lengths):
+            assert_near(got[:n, b], want[:n, b])
+        assert_near(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0])
+        for kwargs in ({"key_padding_mask": tail}, {"key_padding_mask": head, "need_weights": False}):
+            assert torch.equal(ours(x, x, x, **kwargs)[0], theirs(x, x, x, **kwargs)[0])  # fairseq's own
+
+    enc = build_encoder("audio", {"backend": "fairseq", "path": ckpt[name], "dtype": "bfloat16"})
+    replaced = sum(isinstance(m, PackedFairseqSelfAttention) for m in enc.model.modules())
+    assert replaced == len(enc.model.encoder.layers) and enc.full_spec()["attention"] == PACKED_ATTENTION
+    assert "attention" not in build_encoder("audio", {"backend": "fairseq", "path": ckpt[name]}).full_spec()
+
+
+@pytest.mark.parametrize("name", ["w2v2_layer", "hubert"])
 def test_positional_conv_prepared_for_a_gpu_stays_float32(ckpt, tmp_path, name):
     """What prepare_frozen does on a GPU in bf16 (hf.Float32Conv1d: cuDNN ran the positional conv
     13x slower in bf16 than in float32 on an H200) fits fairseq's encoder too: its pos_conv's conv

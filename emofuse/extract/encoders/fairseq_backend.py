@@ -60,13 +60,18 @@ from emofuse.extract.encoders.fabnet import AUTOCAST, load_torch_checkpoint
 from emofuse.extract.encoders.hf import (
     AUDIO_PADDING,
     PACKED,
+    PACKED_ATTENTION,
     PACKED_FUSED_GELU,
     TEXT_PADDING,
     HFEncoder,
+    PackedLinear,
+    attend_padded_keys,
     fuse_gelu,
+    packed_qkv,
     pick_device,
     precision,
     prepare_frozen,
+    replace_modules,
 )
 from emofuse.extract.media import load_audio
 
@@ -221,6 +226,58 @@ def is_fairseq_gelu(activation) -> bool:
     from fairseq.modules.gelu import gelu
 
     return activation is gelu
+
+
+class PackedFairseqSelfAttention(torch.nn.Module):
+    """fairseq's MultiheadAttention as the self-attention of a frozen bf16 model on a CPU (the
+    transformer layers of wav2vec 2.0, HuBERT and RoBERTa), computed as hf.PackedSelfAttention does:
+    q, k and v from one PackedLinear, the keys zero-padded to a multiple of hf.KEY_MULTIPLE frames
+    and masked (hf.attend_padded_keys), the output projection packed. fairseq's own forward runs
+    all four projections through F.linear on the plain bf16 weights (F.multi_head_attention_forward
+    with separate projection weights), which oneDNN reorders on every call. Any other call (attention
+    weights asked for, cross-attention, an attention mask, a padding mask that is not each input's
+    tail, incremental state) runs fairseq's forward."""
+
+    def __init__(self, attention: torch.nn.Module):
+        super().__init__()
+        self.fairseq = attention  # its forward for the other calls; its weights stay where they were
+        self.qkv = packed_qkv(attention.q_proj, attention.k_proj, attention.v_proj)
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, incremental_state=None, need_weights=True,
+                static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
+        frames, batch, width = query.shape  # fairseq's (T, B, C)
+        plain = (key is query and value is query and attn_mask is None and incremental_state is None
+                 and not (need_weights or need_head_weights or static_kv or before_softmax))
+        lengths = tail_padding_lengths(key_padding_mask, batch, frames) if plain else None
+        if lengths is None:
+            return self.fairseq(query, key, value, key_padding_mask, incremental_state, need_weights, static_kv,
+                                attn_mask, before_softmax, need_head_weights)
+        heads = self.fairseq.num_heads
+        qkv = self.qkv(query.transpose(0, 1)).view(batch, frames, 3, heads, width // heads)
+        out = attend_padded_keys(qkv, lengths, self.fairseq.scaling)  # (B, heads, T, head_dim)
+        return self.fairseq.out_proj(out.permute(2, 0, 1, 3).reshape(frames, batch, width)), None
+
+
+def tail_padding_lengths(padding_mask: torch.Tensor | None, batch: int, frames: int) -> list[int] | None:
+    """Each input's real frames from fairseq's key padding mask ((B, T), true at padding), when the
+    padding is each input's tail; all frames for no mask; else None."""
+    if padding_mask is None:
+        return [frames] * batch
+    pad = padding_mask.bool()
+    lengths = (~pad).sum(1)
+    tail = torch.arange(frames, device=pad.device) >= lengths[:, None]
+    return lengths.tolist() if pad.shape == (batch, frames) and bool((pad == tail).all()) else None
+
+
+def pack_fairseq_self_attention(model: torch.nn.Module) -> int:
+    """Replace each plain fairseq self-attention whose projections are PackedLinears (after
+    prepare_frozen) by a PackedFairseqSelfAttention. Returns how many."""
+    def matches(m):
+        return (type(m).__name__ == "MultiheadAttention" and getattr(m, "self_attention", False)
+                and m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+                and not getattr(m, "skip_embed_dim_check", False)
+                and all(isinstance(getattr(m, p), PackedLinear) for p in ("q_proj", "k_proj", "v_proj", "out_proj")))
+    return replace_modules(model, matches, PackedFairseqSelfAttention)
 
 
 class FairseqConvLayer(torch.nn.Module):
@@ -465,6 +522,8 @@ class FairseqEncoder(HFEncoder):
         self.linear_kernel, self.float32_convs = prepare_frozen(self.model, AUTOCAST[dtype], self.device)
         if self.linear_kernel == PACKED and fuse_gelu(self.model, [("fc1", "activation_fn")], is_fairseq_gelu):
             self.linear_kernel = PACKED_FUSED_GELU  # fairseq's transformer layers name their FFN otherwise
+        packed = self.linear_kernel in (PACKED, PACKED_FUSED_GELU)
+        self.attention = PACKED_ATTENTION if packed and pack_fairseq_self_attention(self.model) else None  # in the spec
         self.kind = type(self.model).__name__  # Wav2VecModel | Wav2Vec2Model | HubertModel | RobertaModel
         if is_text:
             self._init_text_model(max_tokens, overlap)
@@ -601,6 +660,8 @@ class FairseqEncoder(HFEncoder):
             spec["linear_kernel"] = self.linear_kernel
             if self.float32_convs:
                 spec["grouped_convs"] = "float32"
+            if self.attention:
+                spec["attention"] = self.attention
         return spec
 
     def prepare(self, utt: Utterance) -> np.ndarray:

@@ -280,31 +280,42 @@ class PackedSelfAttention(torch.nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
             attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
         self.num_heads, self.head_dim, self.scaling = attention.num_heads, attention.head_dim, attention.scaling
-        qkv = torch.nn.Linear(self.q_proj.in_features, 3 * self.q_proj.out_features, dtype=self.q_proj.weight.dtype)
-        with torch.no_grad():
-            qkv.weight.copy_(torch.cat([p.weight for p in (self.q_proj, self.k_proj, self.v_proj)]))
-            qkv.bias.copy_(torch.cat([p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]))
-        self.qkv = PackedLinear(qkv.requires_grad_(False))
+        self.qkv = packed_qkv(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         batch, frames, width = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, frames, 3, self.num_heads, self.head_dim)
-        q = qkv[:, :, 0].transpose(1, 2)  # (B, heads, T, head_dim), a strided view
         lengths = [frames] * batch if attention_mask is None else padding_lengths(attention_mask, frames)
         if lengths is None:  # a mask that is not just padding: as transformers computes it
-            k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
         else:
-            # Keys and values copied out, zero-padded to a multiple of KEY_MULTIPLE frames (zeros: a
-            # masked key's weight is 0, but 0 x NaN would not be), with a key-only mask.
-            keys = -(-frames // KEY_MULTIPLE) * KEY_MULTIPLE
-            kv = qkv.new_empty(2, batch, self.num_heads, keys, self.head_dim)
-            kv[..., :frames, :] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
-            kv[..., frames:, :] = 0
-            real = torch.arange(keys, device=q.device) < torch.tensor(lengths, device=q.device)[:, None]
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, kv[0], kv[1], attn_mask=real[:, None, None, :], scale=self.scaling)
+            out = attend_padded_keys(qkv, lengths, self.scaling)
         return self.out_proj(out.transpose(1, 2).reshape(batch, frames, width)), None
+
+
+def attend_padded_keys(qkv: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
+    """Self-attention of a padded batch, qkv (B, T, 3, heads, head_dim) -> (B, heads, T, head_dim),
+    input b attending to its first lengths[b] frames. The keys and values are copied out, zero-padded
+    to a multiple of KEY_MULTIPLE frames (zeros: a masked key's weight is 0, but 0 x NaN would not
+    be), with a key-only mask."""
+    batch, frames, _, heads, head_dim = qkv.shape
+    keys = -(-frames // KEY_MULTIPLE) * KEY_MULTIPLE
+    kv = qkv.new_empty(2, batch, heads, keys, head_dim)
+    kv[..., :frames, :] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+    kv[..., frames:, :] = 0
+    real = torch.arange(keys, device=qkv.device) < torch.tensor(lengths, device=qkv.device)[:, None]
+    q = qkv[:, :, 0].transpose(1, 2)  # a strided view
+    return torch.nn.functional.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=real[:, None, None, :], scale=scale)
+
+
+def packed_qkv(q_proj, k_proj, v_proj) -> PackedLinear:
+    """One PackedLinear computing [q, k, v] from three bf16 Linears (or PackedLinears) of one input."""
+    qkv = torch.nn.Linear(q_proj.in_features, 3 * q_proj.out_features, dtype=q_proj.weight.dtype)
+    with torch.no_grad():
+        qkv.weight.copy_(torch.cat([p.weight for p in (q_proj, k_proj, v_proj)]))
+        qkv.bias.copy_(torch.cat([p.bias for p in (q_proj, k_proj, v_proj)]))
+    return PackedLinear(qkv.requires_grad_(False))
 
 
 def padding_lengths(mask: torch.Tensor | None, frames: int) -> list[int] | None:
