@@ -70,6 +70,7 @@ from emofuse.extract.encoders.hf import (
     packed_qkv,
     pick_device,
     precision,
+    prefix_lengths,
     prepare_frozen,
     replace_modules,
 )
@@ -263,10 +264,7 @@ def tail_padding_lengths(padding_mask: torch.Tensor | None, batch: int, frames: 
     padding is each input's tail; all frames for no mask; else None."""
     if padding_mask is None:
         return [frames] * batch
-    pad = padding_mask.bool()
-    lengths = (~pad).sum(1)
-    tail = torch.arange(frames, device=pad.device) >= lengths[:, None]
-    return lengths.tolist() if pad.shape == (batch, frames) and bool((pad == tail).all()) else None
+    return prefix_lengths(~padding_mask.bool()) if padding_mask.shape == (batch, frames) else None
 
 
 def pack_fairseq_self_attention(model: torch.nn.Module) -> int:
@@ -657,11 +655,7 @@ class FairseqEncoder(HFEncoder):
         if self.modality == "audio" and (self.dtype != "float32" or self.feature_encoder != "fairseq"):
             spec["feature_encoder"] = self.feature_encoder
         if self.dtype != "float32":
-            spec["linear_kernel"] = self.linear_kernel
-            if self.float32_convs:
-                spec["grouped_convs"] = "float32"
-            if self.attention:
-                spec["attention"] = self.attention
+            spec.update(self._kernel_spec())
         return spec
 
     def prepare(self, utt: Utterance) -> np.ndarray:

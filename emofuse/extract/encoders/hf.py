@@ -323,10 +323,18 @@ def padding_lengths(mask: torch.Tensor | None, frames: int) -> list[int] | None:
     every query of input b attend to exactly its first n_b keys; else None (also for no mask)."""
     if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != frames:
         return None
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    lengths = allowed[:, 0, 0].sum(-1)
-    prefix = torch.arange(frames, device=mask.device) < lengths[:, None]
-    return lengths.tolist() if bool((allowed[:, 0] == prefix[:, None, :]).all()) else None
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]  # (B, T or 1, T)
+    if not bool((allowed == allowed[:, :1]).all()):  # every query of an input sees the same keys
+        return None
+    return prefix_lengths(allowed[:, 0])
+
+
+def prefix_lengths(real: torch.Tensor) -> list[int] | None:
+    """Each row's number of true values of a (B, T) bool tensor when they are the row's first ones
+    (padding only at the end); else None."""
+    lengths = real.sum(1)
+    prefix = torch.arange(real.shape[1], device=real.device) < lengths[:, None]
+    return lengths.tolist() if bool((real == prefix).all()) else None
 
 
 PACKED_ATTENTION = f"packed qkv, keys padded to a multiple of {KEY_MULTIPLE}"  # attention in the spec
@@ -655,11 +663,7 @@ class HFEncoder(Encoder):
             "dtype": self.dtype,
         }
         if self.dtype != "float32":  # float32 stores keep the spec they always had
-            spec["linear_kernel"] = self.linear_kernel
-            if self.float32_convs:
-                spec["grouped_convs"] = "float32"
-            if self.attention:
-                spec["attention"] = self.attention
+            spec.update(self._kernel_spec())
         if self.modality == "text":
             spec.update(max_tokens=self.max_tokens, overlap=self.overlap, padding=TEXT_PADDING)
         else:
@@ -667,6 +671,16 @@ class HFEncoder(Encoder):
                         feature_encoder=self.feature_encoder)
             if self.masked:
                 spec["padding"] = AUDIO_PADDING
+        return spec
+
+    def _kernel_spec(self) -> dict:
+        """What a reduced-precision spec records of the kernels prepare_frozen and the attention
+        swaps chose (they change the outputs' last bits)."""
+        spec = {"linear_kernel": self.linear_kernel}
+        if self.float32_convs:
+            spec["grouped_convs"] = "float32"
+        if self.attention:
+            spec["attention"] = self.attention
         return spec
 
     def prepare(self, utt: Utterance) -> np.ndarray:
